@@ -1,0 +1,108 @@
+"""`sglgym serve`: SGLang's own HTTP server, in this process, with our routes mounted on its app.
+
+Every SGLang server argument passes through unchanged. Without a CUDA device (or with `--device cpu`)
+it runs SGLang's CPU engine: SGLANG_USE_CPU_ENGINE=1, torch-native attention, a small KV pool, and
+the `sgl_kernel` stand-in first on PYTHONPATH (this process and the scheduler/detokenizer it spawns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+CPU_SHIM_DIR = Path(__file__).parent / "cpu_shim"
+CPU_DEFAULTS = {  # only applied when the user did not pass the flag
+    "--attention-backend": "torch_native",
+    "--max-total-tokens": "16384",
+    "--dtype": "float32",  # exact logprobs on CPU; `auto` would turn fp32 configs into fp16
+}
+DEFAULT_MODEL_FLAGS = {"--tool-call-parser": "qwen25", "--served-model-name": "sglgym-tiny"}
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def wants_cpu(argv: list[str]) -> bool:
+    device = _flag_value(argv, "--device")
+    if device is not None:
+        return device == "cpu"
+    import torch
+    return not torch.cuda.is_available()
+
+
+def prepare_cpu_environment() -> None:
+    """Must run before anything imports sglang: the env vars are read at import time."""
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    shim = str(CPU_SHIM_DIR)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != shim]
+    os.environ["PYTHONPATH"] = os.pathsep.join([shim, *paths])  # inherited by spawned children
+    if sys.path[0] != shim:
+        sys.path.insert(0, shim)
+    if "sgl_kernel" in sys.modules and not getattr(sys.modules["sgl_kernel"], "__file__", "").startswith(shim):
+        raise RuntimeError("sgl_kernel was imported before the CPU stand-in was put on the path")
+
+
+def build_sglang_argv(argv: list[str], cpu: bool) -> list[str]:
+    argv = list(argv)
+    if not _has_flag(argv, "--model-path"):
+        from sglgym.models import build_tiny_model
+        argv += ["--model-path", str(build_tiny_model())]
+        for flag, value in DEFAULT_MODEL_FLAGS.items():
+            if not _has_flag(argv, flag):
+                argv += [flag, value]
+    if not _has_flag(argv, "--host"):
+        argv += ["--host", "127.0.0.1"]
+    if cpu:
+        if not _has_flag(argv, "--device"):
+            argv += ["--device", "cpu"]
+        for flag, value in CPU_DEFAULTS.items():
+            if not _has_flag(argv, flag):
+                argv += [flag, value]
+    return argv
+
+
+def parse_own_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="sglgym serve", add_help=False)
+    p.add_argument("--training-temperature", type=float, default=None,
+                   help="reject chat requests whose temperature differs (and any top_k)")
+    p.add_argument("--training-top-p", type=float, default=None,
+                   help="reject chat requests whose top_p differs (and any top_k)")
+    return p.parse_known_args(argv)
+
+
+def serve(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print("usage: sglgym serve [--model-path DIR] [--training-temperature T] [--training-top-p P] "
+              "[any SGLang server argument]\n\nWithout --model-path, serves the embedded tiny model. "
+              "SGLang's own arguments follow:\n")
+    own, rest = parse_own_args(argv)
+    cpu = wants_cpu(rest)
+    if cpu:
+        prepare_cpu_environment()
+    sglang_argv = build_sglang_argv(rest, cpu)
+
+    from sglang.launch_server import run_server
+    from sglang.srt.entrypoints.http_server import app
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    from .routes import RouteOptions, install_routes
+
+    server_args = prepare_server_args(sglang_argv)
+    install_routes(app, RouteOptions(own.training_temperature, own.training_top_p))
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)

@@ -1,0 +1,55 @@
+"""Prompt ids for a chat: the chat template, with the on-policy fix applied to carried ids."""
+
+from __future__ import annotations
+
+from .onpolicy import CarriedIdsError, splice_carried_prefix
+from .protocol import ApiError, Carried
+
+
+class PromptBuilder:
+    """Renders chats with the served tokenizer's chat template and splices in carried token ids."""
+
+    def __init__(self, tokenizer, eos_token_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+
+    def render_ids(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict,
+                   add_generation_prompt: bool) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        except Exception as e:  # template errors are the request's fault (bad roles, missing fields)
+            raise ApiError(f"the chat template could not render 'messages': {e}", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def build(self, messages: list[dict], carried: list[Carried], tools: list[dict] | None,
+              template_kwargs: dict) -> list[int]:
+        """Ids the engine should see for this chat (generation prompt included)."""
+        template_ids = self.render_ids(messages, tools, template_kwargs, add_generation_prompt=True)
+        if not carried:
+            return template_ids
+        last = carried[-1]
+        i = last.message_index
+        prefix_ids = self.render_ids(messages[: i + 1], tools, template_kwargs, add_generation_prompt=False)
+        self._check_turn_count(last, prefix_ids)
+        try:
+            return splice_carried_prefix(last.prefix_ids, prefix_ids, template_ids, self.eos_token_id)
+        except CarriedIdsError as e:
+            raise ApiError(f"messages[{i}]: {e}", param=f"messages[{i}].prompt_token_ids") from None
+
+    def _check_turn_count(self, carried: Carried, template_prefix_ids: list[int]) -> None:
+        # The carried ids and the rendered messages up to that assistant turn must close the same number
+        # of turns; otherwise the ids belong to another conversation (or another point in this one).
+        eos = self.eos_token_id
+        ids = carried.prefix_ids
+        carried_turns = sum(1 for t in ids if t == eos) + (0 if ids[-1] == eos else 1)
+        rendered_turns = sum(1 for t in template_prefix_ids if t == eos)
+        if eos is not None and carried_turns != rendered_turns:
+            i = carried.message_index
+            raise ApiError(
+                f"messages[{i}] carries token ids that close {carried_turns} turns, but messages[0..{i}] "
+                f"render {rendered_turns}: the carried ids are inconsistent with the messages",
+                param=f"messages[{i}].prompt_token_ids",
+            )

@@ -1,0 +1,264 @@
+"""Token-in/token-out OpenAI routes mounted on SGLang's own FastAPI app (no proxy, no second hop).
+
+`POST /v1/chat/completions` answers in the contract NeMo Gym's `vllm_model` server expects: the
+message carries `prompt_token_ids`, `generation_token_ids`, `generation_log_probs` — exactly the ids the
+engine saw and sampled — and `logprobs.content[j].token` is `token_id:N` on request. Generation goes
+straight to SGLang's tokenizer manager with `input_ids`; nothing is re-tokenized from text.
+`POST /tokenize` returns the ids the chat route would feed the engine (same on-policy fix).
+SGLang's own chat route stays reachable at `/sglang/v1/chat/completions` (for side-by-side benches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+
+from .prompt import PromptBuilder
+from .protocol import ApiError, ChatRequest, parse_chat_request, parse_json_body, parse_messages, \
+    parse_template_kwargs, parse_tools
+
+
+@dataclass
+class RouteOptions:
+    """Opt-in checks a trainer wants: requests must sample like training does."""
+    training_temperature: float | None = None
+    training_top_p: float | None = None
+
+    @property
+    def enforce_sampling(self) -> bool:
+        return self.training_temperature is not None or self.training_top_p is not None
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(e: ApiError) -> Response:
+    return _json(e.body(), status=e.status)
+
+
+class EngineRoutes:
+    """Handlers bound to SGLang's tokenizer manager (looked up lazily: it exists once SGLang started)."""
+
+    def __init__(self, options: RouteOptions):
+        self.options = options
+        self._builder: PromptBuilder | None = None
+        self._parsers: dict = {}
+
+    # --- SGLang state -------------------------------------------------------------------------
+    @property
+    def tm(self):
+        from sglang.srt.entrypoints.http_server import get_global_state
+        state = get_global_state()
+        if state is None or state.tokenizer_manager is None:
+            raise ApiError("the engine is not ready yet", status=503, type_="service_unavailable")
+        return state.tokenizer_manager
+
+    @property
+    def builder(self) -> PromptBuilder:
+        if self._builder is None:
+            tm = self.tm
+            eos = tm.tokenizer.eos_token_id
+            if eos is None:
+                ids = tm.model_config.hf_eos_token_id
+                eos = min(ids) if ids else None
+            self._builder = PromptBuilder(tm.tokenizer, eos)
+        return self._builder
+
+    def vocab_size(self) -> int:
+        return int(self.tm.model_config.vocab_size)
+
+    def context_len(self) -> int:
+        return int(self.tm.context_len)
+
+    def _server_arg(self, name: str):
+        try:
+            return self.tm.config_value(name)
+        except Exception:
+            return getattr(self.tm.server_args, name, None)
+
+    # --- /tokenize ----------------------------------------------------------------------------
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            body = parse_json_body(await request.body())
+            if "messages" in body:
+                messages, carried = parse_messages(body.get("messages"), self.vocab_size())
+                ids = self.builder.build(messages, carried, parse_tools(body), parse_template_kwargs(body))
+            elif isinstance(body.get("prompt"), str):
+                add_special = body.get("add_special_tokens", True)
+                ids = self.builder.tokenizer.encode(body["prompt"], add_special_tokens=bool(add_special))
+            else:
+                raise ApiError("provide 'messages' (a chat) or 'prompt' (a string)", param="messages")
+            return _json({"tokens": ids, "count": len(ids), "max_model_len": self.context_len()})
+        except ApiError as e:
+            return _error(e)
+
+    # --- /v1/chat/completions -----------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            body = parse_json_body(await request.body())
+            req = parse_chat_request(body, self.vocab_size())
+            self._check_sampling(req)
+            if req.stream:
+                raise ApiError("'stream' is not supported on the token route; use "
+                               "/sglang/v1/chat/completions for streaming", param="stream")
+            prompt_ids = self.builder.build(req.messages, req.carried, req.tools, req.chat_template_kwargs)
+            max_tokens = self._max_tokens(req, len(prompt_ids))
+            outputs = await asyncio.gather(*[
+                self._generate(prompt_ids, req, max_tokens, i, request) for i in range(req.n)
+            ])
+            return _json(self._response(req, prompt_ids, outputs))
+        except ApiError as e:
+            return _error(e)
+
+    def _check_sampling(self, req: ChatRequest) -> None:
+        o = self.options
+        if not o.enforce_sampling:
+            return
+        if o.training_temperature is not None and abs(req.temperature - o.training_temperature) > 1e-6:
+            raise ApiError(f"'temperature' must equal the training temperature {o.training_temperature} "
+                           f"(got {req.temperature}): off-policy sampling", param="temperature")
+        if o.training_top_p is not None and abs(req.top_p - o.training_top_p) > 1e-6:
+            raise ApiError(f"'top_p' must equal the training top_p {o.training_top_p} (got {req.top_p})",
+                           param="top_p")
+        if req.top_k not in (None, -1, 0):
+            raise ApiError("'top_k' must be unset when sampling for training", param="top_k")
+
+    def _max_tokens(self, req: ChatRequest, prompt_len: int) -> int:
+        ctx = self.context_len()
+        if prompt_len >= ctx:
+            raise ApiError(f"This model's maximum context length is {ctx} tokens. However, your messages "
+                           f"resulted in {prompt_len} tokens.", param="messages")
+        room = ctx - prompt_len
+        if req.max_tokens is None:
+            return room
+        if req.max_tokens > room:
+            raise ApiError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                           f"{prompt_len + req.max_tokens} tokens ({prompt_len} in the messages, "
+                           f"{req.max_tokens} in the completion). Please reduce the length of the messages "
+                           "or max_tokens.", param="max_tokens")
+        return req.max_tokens
+
+    async def _generate(self, prompt_ids: list[int], req: ChatRequest, max_tokens: int, index: int,
+                        request: Request) -> dict:
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        sampling = {
+            "temperature": req.temperature, "top_p": req.top_p, "min_p": req.min_p,
+            "max_new_tokens": max_tokens, "stop": req.stop or None,
+            "stop_token_ids": req.stop_token_ids or None,
+            "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
+            "repetition_penalty": req.repetition_penalty, "skip_special_tokens": req.skip_special_tokens,
+        }
+        if req.top_k not in (None, 0):
+            sampling["top_k"] = req.top_k
+        if req.seed is not None:
+            sampling["sampling_seed"] = req.seed + index
+        obj = GenerateReqInput(
+            input_ids=list(prompt_ids), sampling_params=sampling, return_logprob=True,
+            logprob_start_len=-1, top_logprobs_num=req.top_logprobs, stream=False,
+        )
+        try:
+            return await self.tm.generate_request(obj, request).__anext__()
+        except ValueError as e:  # SGLang's own request validation
+            raise ApiError(str(e), param=None) from None
+
+    # --- response -----------------------------------------------------------------------------
+    def _parse_text(self, text: str, req: ChatRequest) -> tuple[str | None, str | None, list[dict]]:
+        """Split reasoning and tool calls out of the generated text with SGLang's own parsers."""
+        reasoning = None
+        reasoning_parser = self._server_arg("reasoning_parser")
+        if reasoning_parser:
+            from sglang.srt.parser.reasoning_parser import ReasoningParser
+            reasoning, text = ReasoningParser(model_type=reasoning_parser, stream_reasoning=False) \
+                .parse_non_stream(text)
+        tool_calls = []
+        tool_parser = self._server_arg("tool_call_parser")
+        if req.tools and req.tool_choice != "none" and tool_parser:
+            from sglang.srt.entrypoints.openai.protocol import Tool
+            from sglang.srt.function_call.function_call_parser import FunctionCallParser
+            parser = FunctionCallParser([Tool(**t) for t in req.tools], tool_parser)
+            if parser.has_tool_call(text):
+                try:
+                    text, calls = parser.parse_non_stream(text)
+                except Exception:  # malformed call text stays plain content
+                    calls = []
+                for j, call in enumerate(calls):
+                    tool_calls.append({
+                        "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": j,
+                        "function": {"name": call.name, "arguments": call.parameters},
+                    })
+        return (text or None), reasoning, tool_calls
+
+    def _response(self, req: ChatRequest, prompt_ids: list[int], outputs: list[dict]) -> dict:
+        tokenizer = self.builder.tokenizer
+        choices, completion_tokens = [], 0
+        for index, out in enumerate(outputs):
+            meta = out["meta_info"]
+            token_lps = meta["output_token_logprobs"]  # [(logprob, token_id, text)] for every output id
+            gen_ids = [int(t[1]) for t in token_lps]
+            gen_lps = [float(t[0]) for t in token_lps]
+            completion_tokens += len(gen_ids)
+            content, reasoning, tool_calls = self._parse_text(out["text"], req)
+            finish = (meta.get("finish_reason") or {}).get("type", "stop")
+            finish = {"abort": "abort"}.get(finish, "length" if finish == "length" else "stop")
+            if tool_calls and finish == "stop":
+                finish = "tool_calls"
+            message = {
+                "role": "assistant", "content": content, "tool_calls": tool_calls or None,
+                "reasoning_content": reasoning,
+                "prompt_token_ids": prompt_ids, "generation_token_ids": gen_ids,
+                "generation_log_probs": gen_lps,
+            }
+            logprobs = None
+            if req.logprobs:
+                top = meta.get("output_top_logprobs") if req.top_logprobs else None
+                logprobs = {"content": [
+                    self._logprob_entry(tokenizer, tid, lp, top[j] if top else None, req)
+                    for j, (tid, lp) in enumerate(zip(gen_ids, gen_lps))
+                ]}
+            choices.append({"index": index, "message": message, "logprobs": logprobs,
+                            "finish_reason": finish, "matched_stop": (meta.get("finish_reason") or {}).get("matched")})
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": req.model or self._server_arg("served_model_name"), "choices": choices,
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt_ids) + completion_tokens},
+        }
+
+    @staticmethod
+    def _token_str(tokenizer, token_id: int, as_id: bool) -> str:
+        return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id])
+
+    def _logprob_entry(self, tokenizer, token_id: int, logprob: float, top, req: ChatRequest) -> dict:
+        as_id = req.return_tokens_as_token_ids
+        token = self._token_str(tokenizer, token_id, as_id)
+        entry = {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+        for t in top or []:
+            s = self._token_str(tokenizer, int(t[1]), as_id)
+            entry["top_logprobs"].append({"token": s, "logprob": float(t[0]), "bytes": list(s.encode())})
+        return entry
+
+
+def install_routes(app: FastAPI, options: RouteOptions) -> EngineRoutes:
+    """Mount our routes in front of SGLang's (first match wins) and keep SGLang's chat route reachable."""
+    handlers = EngineRoutes(options)
+    for route in list(app.router.routes):
+        if isinstance(route, APIRoute) and route.path == "/v1/chat/completions":
+            app.add_api_route("/sglang/v1/chat/completions", route.endpoint, methods=["POST"],
+                              dependencies=route.dependencies)
+    ours = [
+        APIRoute("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
+        APIRoute("/tokenize", handlers.tokenize, methods=["POST"]),
+        APIRoute("/v1/tokenize", handlers.tokenize, methods=["POST"]),
+    ]
+    app.router.routes[:0] = ours
+    return handlers
