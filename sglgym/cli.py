@@ -9,6 +9,9 @@ USAGE = """usage: sglgym <command> [args]
 commands:
   serve         SGLang server with the token-in/token-out OpenAI route (default: the tiny model)
   build-model   build the embedded tiny model and print its directory
+  rollout       spin up environments and collect grouped rollouts against an engine
+  train         GRPO training (default: the tiny model on a built-in environment)
+  bench         engine throughput: our route vs SGLang's /generate and its own chat route
 """
 
 
@@ -24,6 +27,18 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "build-model":
         from sglgym.models import main as build_main
         build_main(rest)
+    elif command == "rollout":
+        from sglgym.rollout.cli import main as rollout_main
+        rollout_main(rest)
+    elif command == "train":
+        from sglgym.trainer.cli import main as train_main
+        train_main(rest)
+    elif command == "bench":
+        # Benchmarks live in the repository's bench/ folder, next to the package.
+        from pathlib import Path
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+        from bench_engine import main as bench_main
+        bench_main(rest)
     else:
         print(f"sglgym: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
