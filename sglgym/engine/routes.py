@@ -172,32 +172,6 @@ class EngineRoutes:
             raise ApiError(str(e), param=None) from None
 
     # --- response -----------------------------------------------------------------------------
-    def _parse_text(self, text: str, req: ChatRequest) -> tuple[str | None, str | None, list[dict]]:
-        """Split reasoning and tool calls out of the generated text with SGLang's own parsers."""
-        reasoning = None
-        reasoning_parser = self._server_arg("reasoning_parser")
-        if reasoning_parser:
-            from sglang.srt.parser.reasoning_parser import ReasoningParser
-            reasoning, text = ReasoningParser(model_type=reasoning_parser, stream_reasoning=False) \
-                .parse_non_stream(text)
-        tool_calls = []
-        tool_parser = self._server_arg("tool_call_parser")
-        if req.tools and req.tool_choice != "none" and tool_parser:
-            from sglang.srt.entrypoints.openai.protocol import Tool
-            from sglang.srt.function_call.function_call_parser import FunctionCallParser
-            parser = FunctionCallParser([Tool(**t) for t in req.tools], tool_parser)
-            if parser.has_tool_call(text):
-                try:
-                    text, calls = parser.parse_non_stream(text)
-                except Exception:  # malformed call text stays plain content
-                    calls = []
-                for j, call in enumerate(calls):
-                    tool_calls.append({
-                        "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": j,
-                        "function": {"name": call.name, "arguments": call.parameters},
-                    })
-        return (text or None), reasoning, tool_calls
-
     def _response(self, req: ChatRequest, prompt_ids: list[int], outputs: list[dict]) -> dict:
         tokenizer = self.builder.tokenizer
         choices, completion_tokens = [], 0
@@ -207,7 +181,9 @@ class EngineRoutes:
             gen_ids = [int(t[1]) for t in token_lps]
             gen_lps = [float(t[0]) for t in token_lps]
             completion_tokens += len(gen_ids)
-            content, reasoning, tool_calls = self._parse_text(out["text"], req)
+            content, reasoning, tool_calls = split_generated_text(
+                out["text"], req.tools if req.tool_choice != "none" else None,
+                self._server_arg("tool_call_parser"), self._server_arg("reasoning_parser"))
             finish = (meta.get("finish_reason") or {}).get("type", "stop")
             finish = {"abort": "abort"}.get(finish, "length" if finish == "length" else "stop")
             if tool_calls and finish == "stop":
@@ -246,6 +222,29 @@ class EngineRoutes:
             s = self._token_str(tokenizer, int(t[1]), as_id)
             entry["top_logprobs"].append({"token": s, "logprob": float(t[0]), "bytes": list(s.encode())})
         return entry
+
+
+def split_generated_text(text: str, tools: list[dict] | None, tool_parser: str | None,
+                         reasoning_parser: str | None) -> tuple[str | None, str | None, list[dict]]:
+    """(content, reasoning, tool_calls) of generated text, with SGLang's own parsers."""
+    reasoning = None
+    if reasoning_parser:
+        from sglang.srt.parser.reasoning_parser import ReasoningParser
+        reasoning, text = ReasoningParser(model_type=reasoning_parser, stream_reasoning=False).parse_non_stream(text)
+    tool_calls = []
+    if tools and tool_parser:
+        from sglang.srt.entrypoints.openai.protocol import Tool
+        from sglang.srt.function_call.function_call_parser import FunctionCallParser
+        parser = FunctionCallParser([Tool(**t) for t in tools], tool_parser)
+        if parser.has_tool_call(text):
+            try:
+                text, calls = parser.parse_non_stream(text)
+            except Exception:  # a malformed call stays plain content; the env sees what the model wrote
+                calls = []
+            for j, call in enumerate(calls):
+                tool_calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": j,
+                                   "function": {"name": call.name, "arguments": call.parameters}})
+    return (text or None), reasoning, tool_calls
 
 
 def install_routes(app: FastAPI, options: RouteOptions) -> EngineRoutes:
