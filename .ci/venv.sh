@@ -18,6 +18,9 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -c "import sglang, torch, triton, pytest" || { echo "[venv] install failed" >&2; exit 1; }
   touch "$venv/.complete"
 fi
-# The checkout may move between runs: (re)point the editable install at this clone (no deps, fast).
-"$venv/bin/pip" install -q --no-deps -e "$root" 2>&1 | grep -v -E "is ignored: it is neither" >&2 || true
+# The venv is shared between clones: (re)point the editable install at this one when it is elsewhere.
+here=$(cd "$root" && "$venv/bin/python" -c "import os, sglgym; print(os.path.dirname(os.path.dirname(os.path.realpath(sglgym.__file__))))" 2>/dev/null || true)
+if [ "$here" != "$(realpath "$root")" ]; then
+  "$venv/bin/pip" install -q --no-deps -e "$root" > /tmp/sglgym-pip-$$.log 2>&1 || { cat /tmp/sglgym-pip-$$.log >&2; exit 1; }
+fi
 echo "$venv"

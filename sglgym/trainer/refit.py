@@ -1,0 +1,235 @@
+"""Weight refit: push the trainer's weights into the running SGLang engine, then probe agreement.
+
+Three paths, all over SGLang's own control endpoints:
+- disk: save safetensors, `POST /update_weights_from_disk` (no session needed);
+- tensor: `POST /update_weights_from_tensor` with pickled CPU tensors in buckets;
+- distributed: the trainer joins a process group with the engine (`/init_weights_update_group`, NCCL on
+  GPU, gloo on CPU) and broadcasts each bucket while `/update_weights_from_distributed` is in flight.
+SGLang 0.5.23 only accepts tensor/distributed updates inside begin/end_weight_update; every refit is
+also wrapped in pause(retract) -> flush cache -> update -> continue so in-flight requests finish on the
+new weights, and it bumps the weight version the engine reports in `meta_info`.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+class RefitError(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineControl:
+    """HTTP client for one engine's control endpoints."""
+    base_url: str
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    _client: httpx.Client | None = field(default=None, repr=False)
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s)
+        return self._client
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        r = self.client.post(path, json=body or {})
+        if r.status_code != 200:
+            raise RefitError(f"{path} -> {r.status_code}: {r.text[:500]}")
+        try:
+            out = r.json()
+        except ValueError:
+            return {}
+        if isinstance(out, dict) and out.get("success") is False:
+            raise RefitError(f"{path} failed: {out.get('message')}")
+        return out if isinstance(out, dict) else {}
+
+    def model_info(self) -> dict:
+        return self.client.get("/model_info").json()
+
+    def weight_version(self) -> str | None:
+        return self.model_info().get("weight_version")
+
+    @contextmanager
+    def paused(self):
+        """Pause generation (in-flight requests are retracted and resumed later), flush, continue."""
+        self.post("/pause_generation", {"mode": "retract"})
+        try:
+            self.post("/flush_cache")
+            yield
+        finally:
+            self.post("/continue_generation")
+
+    @contextmanager
+    def weight_update_session(self):
+        self.post("/begin_weight_update")
+        try:
+            yield
+        finally:
+            self.post("/end_weight_update")
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Engine logprob of every token after the first, teacher-forced (a 1-token generate per sequence)."""
+        body = {"input_ids": sequences, "return_logprob": True, "logprob_start_len": 0,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+        r = self.client.post("/generate", json=body)
+        if r.status_code != 200:
+            raise RefitError(f"/generate -> {r.status_code}: {r.text[:500]}")
+        outs = r.json()
+        return [[float(lp) for lp, _tid, *_ in o["meta_info"]["input_token_logprobs"][1:]] for o in outs]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[NamedTensors]:
+    """Group tensors into buckets of about `bucket_bytes` (one tensor may exceed it alone)."""
+    bucket, size = [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def refit_from_disk(engine: EngineControl, model, version: str, out_dir: str | Path | None = None) -> float:
+    """save_pretrained to a directory and have the engine reload from it. Returns seconds."""
+    t0 = time.perf_counter()
+    out = Path(out_dir or tempfile.mkdtemp(prefix="sglgym-refit-"))
+    model.save_pretrained(out, safe_serialization=True)
+    with engine.paused():
+        engine.post("/update_weights_from_disk", {"model_path": str(out), "weight_version": version})
+    return time.perf_counter() - t0
+
+
+def refit_from_tensor(engine: EngineControl, named: Iterable[tuple[str, torch.Tensor]], version: str,
+                      bucket_bytes: int = 256 << 20) -> float:
+    """Send CPU tensors over HTTP (a plain pickle, base64): works across processes and machines.
+
+    SGLang's default serializer shares file descriptors, which only works inside one host's process
+    tree and kills a CPU server from another process; a plain pickle avoids that.
+    """
+    t0 = time.perf_counter()
+    with engine.paused(), engine.weight_update_session():
+        for bucket in buckets(named, bucket_bytes):
+            payload = pickle.dumps([(n, t.detach().to("cpu").contiguous()) for n, t in bucket])
+            engine.post("/update_weights_from_tensor", {
+                "serialized_named_tensors": [base64.b64encode(payload).decode()],
+                "weight_version": version, "flush_cache": False,
+            })
+    return time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DistributedRefit:
+    """Trainer side of a weight-update process group with one engine (trainer = rank 0, engine = 1..)."""
+
+    def __init__(self, engine: EngineControl, engine_world_size: int = 1, backend: str | None = None,
+                 master_address: str = "127.0.0.1", master_port: int | None = None,
+                 group_name: str = "sglgym_refit"):
+        self.engine, self.group_name = engine, group_name
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = "cuda" if self.backend == "nccl" else "cpu"
+        port = master_port or _free_port()
+        world = 1 + engine_world_size
+        init = {"master_address": master_address, "master_port": port, "rank_offset": 1,
+                "world_size": world, "group_name": group_name, "backend": self.backend}
+        errors: list[Exception] = []
+        # The engine joins inside its HTTP handler: the request must be in flight while we join.
+        thread = threading.Thread(target=self._call, args=("/init_weights_update_group", init, errors))
+        thread.start()
+        from sglang.srt.utils import init_custom_process_group
+        self.group = init_custom_process_group(
+            backend=self.backend, init_method=f"tcp://{master_address}:{port}", world_size=world, rank=0,
+            group_name=group_name,
+        )
+        thread.join()
+        if errors:
+            raise RefitError(f"engine could not join the weight-update group: {errors[0]}")
+
+    def _call(self, path: str, body: dict, errors: list[Exception]) -> None:
+        try:
+            self.engine.post(path, body)
+        except Exception as e:  # surfaced by the caller after join()
+            errors.append(e)
+
+    def update(self, named: Iterable[tuple[str, torch.Tensor]], version: str,
+               bucket_bytes: int = 512 << 20) -> float:
+        t0 = time.perf_counter()
+        with self.engine.paused(), self.engine.weight_update_session():
+            for bucket in buckets(named, bucket_bytes):
+                body = {"names": [n for n, _ in bucket],
+                        "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                        "shapes": [list(t.shape) for _, t in bucket],
+                        "group_name": self.group_name, "weight_version": version, "flush_cache": False}
+                errors: list[Exception] = []
+                thread = threading.Thread(target=self._call, args=("/update_weights_from_distributed", body, errors))
+                thread.start()
+                for _, t in bucket:  # same order as `names`: the engine receives them one by one
+                    torch.distributed.broadcast(t.detach().to(self.device).contiguous(), src=0, group=self.group)
+                thread.join()
+                if errors:
+                    raise RefitError(f"distributed update failed: {errors[0]}")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        try:
+            self.engine.post("/destroy_weights_update_group", {"group_name": self.group_name})
+        finally:
+            torch.distributed.destroy_process_group(self.group)
+
+
+@dataclass
+class ProbeResult:
+    max_abs_diff: float
+    mean_abs_diff: float
+    tokens: int
+    ok: bool
+
+    def __str__(self) -> str:
+        state = "agree" if self.ok else "DIVERGE"
+        return (f"refit probe: engine and trainer {state} (max |dlogprob| {self.max_abs_diff:.2e}, "
+                f"mean {self.mean_abs_diff:.2e}, {self.tokens} tokens)")
+
+
+def probe(engine: EngineControl, trainer_logprobs_fn, sequences: list[list[int]], atol: float = 1e-4) -> ProbeResult:
+    """Compare the engine's teacher-forced logprobs with the trainer's on the same sequences.
+
+    `trainer_logprobs_fn(sequences) -> list[list[float]]` gives the logprob of each token after the first.
+    """
+    engine_lps = engine.score(sequences)
+    trainer_lps = trainer_logprobs_fn(sequences)
+    diffs = []
+    for e, t in zip(engine_lps, trainer_lps):
+        if len(e) != len(t):
+            raise RefitError(f"probe length mismatch: engine {len(e)} vs trainer {len(t)}")
+        diffs += [abs(a - b) for a, b in zip(e, t)]
+    max_d = max(diffs) if diffs else 0.0
+    return ProbeResult(max_d, sum(diffs) / max(len(diffs), 1), len(diffs), max_d <= atol)
