@@ -19,7 +19,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 # The venv is shared between clones: (re)point the editable install at this one when it is elsewhere.
-here=$(cd "$root" && "$venv/bin/python" -c "import os, sglgym; print(os.path.dirname(os.path.dirname(os.path.realpath(sglgym.__file__))))" 2>/dev/null || true)
+here=$(cd / && "$venv/bin/python" -c "import os, sglgym; print(os.path.dirname(os.path.dirname(os.path.realpath(sglgym.__file__))))" 2>/dev/null || true)
 if [ "$here" != "$(realpath "$root")" ]; then
   "$venv/bin/pip" install -q --no-deps -e "$root" > /tmp/sglgym-pip-$$.log 2>&1 || { cat /tmp/sglgym-pip-$$.log >&2; exit 1; }
 fi
