@@ -1,0 +1,205 @@
+"""The agent loop of one rollout, in-process: call the model, run its tool calls against the resources
+server, feed the results back, until the model calls no tool (or the env ends the episode) or max turns.
+
+Every assistant message sent back to the engine carries the ids of its turn (`prompt_token_ids`,
+`generation_token_ids`, `generation_log_probs`), so the engine builds the next prompt from the ids it
+really saw and sampled; `TokenTracker` checks that each prompt extends everything seen so far.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from .engines import EnginePool
+from .errors import EnvProtocolError, RolloutError
+from .responses import (assistant_items, build_response, sampling_from_params, to_chat_messages, to_chat_tools,
+                        tool_output_item, user_item)
+from .samples import Sample
+from .spinup import Env
+from .tokens import ContiguityError, TokenTracker
+from .transport import Reply, TransportError, post_json
+
+CARRIED = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+@dataclass
+class LoopOptions:
+    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64})
+    engine_timeout_s: float = 120.0
+    retries: int = 2
+    decode: Callable[[list[int]], str] | None = None   # only used to make contiguity diffs readable
+
+
+@dataclass
+class RolloutJob:
+    env: Env
+    row: dict
+    group_id: int
+    prompt_index: int
+    sample_index: int
+
+
+def _is_context_error(reply: Reply) -> bool:
+    return reply.status == 400 and "context length" in reply.text.lower()
+
+
+async def _env_call(client: httpx.AsyncClient, env: Env, path: str, body: dict, cookies: dict,
+                    timeout_s: float, retries: int, stage: str) -> dict:
+    """POST to the resources server; the reply must be a JSON object (else a clear protocol error)."""
+    url = f"{env.url}/{path.lstrip('/')}"
+    try:
+        reply = await post_json(client, url, body, timeout_s=timeout_s, retries=retries, cookies=cookies)
+    except TransportError as e:
+        raise RolloutError(stage, f"env {env.name!r}: {e}", url) from None
+    cookies.update(reply.cookies)
+    if not reply.ok:
+        raise RolloutError(stage, f"env {env.name!r} {path} answered HTTP {reply.status}: {reply.text[:500]}", url)
+    if reply.body is None:
+        raise EnvProtocolError(f"env {env.name!r} {path} answered non-JSON (HTTP {reply.status}): "
+                               f"{reply.text[:200]!r}", url)
+    if not isinstance(reply.body, dict):
+        raise EnvProtocolError(f"env {env.name!r} {path} answered {type(reply.body).__name__}, "
+                               "expected a JSON object", url)
+    return reply.body
+
+
+async def _call_tool(client: httpx.AsyncClient, env: Env, call: dict, cookies: dict, retries: int) -> str:
+    """The tool's output as text. Model mistakes (bad JSON, unknown tool) become the output, as NeMo Gym's
+    agents do; only an unreachable server fails the rollout."""
+    fn = call.get("function") or {}
+    name, raw_args = fn.get("name") or "", fn.get("arguments") or "{}"
+    if not _TOOL_NAME.match(name):
+        return json.dumps({"error": f"invalid tool name {name!r}"})
+    try:
+        args = json.loads(raw_args) if isinstance(raw_args, str) else raw_args
+    except json.JSONDecodeError as e:
+        return json.dumps({"error": f"Invalid tool call arguments: {e!r}"})
+    if not isinstance(args, dict):
+        return json.dumps({"error": "tool call arguments must be a JSON object"})
+    url = f"{env.url}/{name}"
+    try:
+        reply = await post_json(client, url, args, timeout_s=env.config.agent.tool_timeout_s, retries=retries,
+                                cookies=cookies)
+    except TransportError as e:
+        raise RolloutError("tool", f"env {env.name!r}: {e}", url) from None
+    cookies.update(reply.cookies)
+    return reply.text
+
+
+def _carried_message(msg: dict) -> dict:
+    out = {"role": "assistant", "content": msg.get("content")}
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function",
+                              "function": {"name": c["function"]["name"],
+                                           "arguments": c["function"].get("arguments", "{}")}}
+                             for c in msg["tool_calls"]]
+    if msg.get("reasoning_content"):
+        out["reasoning_content"] = msg["reasoning_content"]
+    for k in CARRIED:
+        out[k] = msg[k]
+    return out
+
+
+async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine_client: httpx.AsyncClient,
+                      env_client: httpx.AsyncClient, opts: LoopOptions) -> Sample:
+    env, row, agent = job.env, job.row, job.env.config.agent
+    t0 = time.monotonic()
+    rollout_id = f"g{job.group_id}-s{job.sample_index}-{uuid.uuid4().hex[:8]}"
+    params = row.get("responses_create_params")
+    if not isinstance(params, dict) or "input" not in params:
+        raise RolloutError("row", "row has no responses_create_params.input")
+    messages = to_chat_messages(params["input"])
+    tools = to_chat_tools(params.get("tools"))
+    sampling = {**opts.sampling, **sampling_from_params(params)}
+    cookies: dict = {}
+    await _env_call(env_client, env, "/seed_session", row, cookies, agent.env_timeout_s, opts.retries, "seed_session")
+
+    tracker = TokenTracker(opts.decode)
+    output: list[dict] = []
+    finish_reasons: list[str] = []
+    tool_calls_made = 0
+    truncated, stop_reason = False, "done"
+    chat_url = f"{engine_url}/v1/chat/completions"
+    for turn in range(agent.max_turns):
+        body = {"model": pool.model, "messages": messages, **sampling}
+        if tools:
+            body["tools"] = tools
+        if "seed" in body and body["seed"] is not None:  # distinct but reproducible per sample and turn
+            body["seed"] = int(body["seed"]) + 1000 * job.prompt_index + 100 * job.sample_index + turn
+        try:
+            reply = await post_json(engine_client, chat_url, body, timeout_s=opts.engine_timeout_s,
+                                    retries=opts.retries, headers=pool.headers(rollout_id))
+        except TransportError as e:
+            raise RolloutError("engine", str(e), engine_url) from None
+        if _is_context_error(reply):      # the conversation no longer fits: a truncated rollout
+            truncated, stop_reason = True, "context_length"
+            break
+        if not reply.ok or not isinstance(reply.body, dict):
+            raise RolloutError("engine", f"HTTP {reply.status}: {reply.text[:500]}", engine_url)
+        choice = reply.body["choices"][0]
+        msg = choice["message"]
+        missing = [k for k in CARRIED if msg.get(k) is None]
+        if missing:
+            raise RolloutError("engine", f"the reply lacks {missing}: is {engine_url} an `sglgym serve` "
+                                         "token route?", engine_url)
+        try:
+            tracker.add_turn(msg["prompt_token_ids"], msg["generation_token_ids"], msg["generation_log_probs"])
+        except ContiguityError as e:
+            raise RolloutError("contiguity", str(e), engine_url) from None
+        messages.append(_carried_message(msg))
+        tool_calls = msg.get("tool_calls") or []
+        output += assistant_items(msg.get("content"), tool_calls)
+        finish_reasons.append(choice.get("finish_reason") or "stop")
+        if finish_reasons[-1] == "length" and not (agent.continue_on_length and agent.user_turns):
+            truncated, stop_reason = True, "max_tokens"   # the turn is unfinished: so is the episode
+            break
+        if tool_calls:
+            for call in tool_calls:
+                result = await _call_tool(env_client, env, call, cookies, opts.retries)
+                tool_calls_made += 1
+                messages.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
+                output.append(tool_output_item(call.get("id"), result))
+            continue
+        if agent.user_turns:
+            step = await _env_call(env_client, env, "/step", {**row, "response": build_response(output, pool.model, params)},
+                                   cookies, agent.env_timeout_s, opts.retries, "step")
+            if "terminated" not in step:
+                raise EnvProtocolError(f"env {env.name!r} /step reply has no 'terminated' field "
+                                       f"(keys: {sorted(step)})", env.url)
+            observation = step.get("observation")
+            if step["terminated"] or not observation:
+                break
+            messages.append({"role": "user", "content": str(observation)})
+            output.append(user_item(str(observation)))
+            continue
+        break
+    else:  # every turn was used and the episode still wanted more
+        truncated, stop_reason = True, "max_turns"
+
+    if tracker.num_turns == 0:
+        raise RolloutError("engine", "the first turn already exceeds the context length", engine_url)
+    response = build_response(output, pool.model, params)
+    verdict = await _env_call(env_client, env, "/verify", {**row, "response": response}, cookies,
+                              agent.env_timeout_s, opts.retries, "verify")
+    if "reward" not in verdict:
+        raise EnvProtocolError(f"env {env.name!r} /verify reply has no 'reward' field "
+                               f"(keys: {sorted(verdict)[:12]})", env.url)
+    reward = verdict["reward"]
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        raise EnvProtocolError(f"env {env.name!r} /verify 'reward' must be a number, got {reward!r}", env.url)
+    extra = {k: v for k, v in verdict.items() if k not in row and k not in ("response", "reward")}
+    return tracker.to_sample(
+        reward=float(reward), group_id=job.group_id, prompt_index=job.prompt_index, truncated=truncated,
+        env=env.name, engine_url=engine_url,
+        meta={"rollout_id": rollout_id, "sample_index": job.sample_index, "stop_reason": stop_reason,
+              "finish_reasons": finish_reasons, "tool_calls": tool_calls_made,
+              "elapsed_s": round(time.monotonic() - t0, 4), "verify": extra},
+    )
