@@ -1,7 +1,8 @@
 """Chunked torch primitives for the O(T*V) part (the CPU path, and the fallback anywhere).
 
-Rows are processed `chunk_rows` at a time, so temporaries are O(chunk_rows * V) and never [T, V]; the
-only [T, V] buffer is the logits gradient itself, which `out=logits` writes in place.
+Rows are processed `chunk_rows` at a time through one reused fp32 work buffer sized to stay in cache, so
+temporaries are O(chunk_rows * V) and never [T, V]; the only [T, V] buffer is the logits gradient itself
+(fp32 logits: computed directly in the output, which `out=logits` makes the logits buffer).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Default temporaries budget per chunk (fp32 elements): 2^20 -> 4 MiB, about one L2 slice on a server CPU.
-CHUNK_ELEMS = 1 << 20
+# Work-buffer budget per chunk (fp32 elements): 2^19 = 2 MiB, about the L2 cache of a couple of cores.
+CHUNK_ELEMS = 1 << 19
 
 
 def default_chunk_rows(num_rows: int, vocab: int) -> int:
@@ -32,18 +33,19 @@ def stats_torch(
     """Row max m, sum exp(x - m), target logit (0 when the target is not in this vocab shard); x = logits * inv_temp."""
     t, v = logits.shape
     rows = chunk_rows or default_chunk_rows(t, v)
-    m = torch.empty(t, dtype=torch.float32, device=logits.device)
-    s = torch.empty_like(m)
-    tgt = torch.empty_like(m)
     local, on_shard = _local_targets(target_ids, vocab_start, v)
+    m = logits.amax(dim=1).to(torch.float32)  # one streaming pass, no temporaries
+    tgt = torch.where(on_shard, logits.gather(1, local[:, None]).squeeze(1).to(torch.float32) * inv_temp, 0.0)
+    s = torch.empty_like(m)
+    buf = torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
     for a in range(0, t, rows):
         b = min(a + rows, t)
-        z = logits[a:b].to(torch.float32) * inv_temp  # always a fresh buffer: safe to overwrite below
-        mc = z.amax(dim=1)
-        tgt[a:b] = torch.where(on_shard[a:b], z.gather(1, local[a:b, None]).squeeze(1), 0.0)
-        s[a:b] = z.sub_(mc[:, None]).exp_().sum(dim=1)
-        m[a:b] = mc
-    return m, s, tgt
+        z = buf[: b - a]
+        torch.sub(logits[a:b], m[a:b, None], out=z)  # exact for fp32: x - max
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+        torch.sum(z.exp_(), dim=1, out=s[a:b])
+    return m * inv_temp, s, tgt
 
 
 @torch.no_grad()
@@ -60,17 +62,26 @@ def grad_torch(
 ) -> Tensor:
     """d/dlogits of sum_t g[t] * logp[t]: g[t] * inv_temp * (onehot(target) - softmax(logits * inv_temp)).
 
-    `out` may be `logits` itself (in place): each chunk is read completely before it is written.
+    m, log_s: row max of logits * inv_temp and log sum exp(logits * inv_temp - m). `out` may be `logits`
+    itself (in place): each chunk is read completely before it is written.
     """
     t, v = logits.shape
     rows = chunk_rows or default_chunk_rows(t, v)
     out = torch.empty_like(logits) if out is None else out
     local, on_shard = _local_targets(target_ids, vocab_start, v)
     gs = g.to(torch.float32) * inv_temp
+    add = torch.where(on_shard, gs, 0.0)[:, None]
+    m_raw = m / inv_temp  # max of the unscaled row (exact when inv_temp == 1)
+    direct = out.dtype == torch.float32 and out.stride(-1) == 1  # compute straight into the output
+    buf = None if direct else torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
     for a in range(0, t, rows):
         b = min(a + rows, t)
-        z = logits[a:b].to(torch.float32) * inv_temp
-        z.sub_(m[a:b, None]).sub_(log_s[a:b, None]).exp_().mul_(-gs[a:b, None])
-        z.scatter_add_(1, local[a:b, None], torch.where(on_shard[a:b], gs[a:b], 0.0)[:, None])
-        out[a:b].copy_(z)
+        z = out[a:b] if direct else buf[: b - a]
+        torch.sub(logits[a:b], m_raw[a:b, None], out=z)
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+        z.sub_(log_s[a:b, None]).exp_().mul_(-gs[a:b, None])  # -g * softmax
+        z.scatter_add_(1, local[a:b, None], add[a:b])
+        if not direct:
+            out[a:b].copy_(z)
     return out
