@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value, e.g. guess.params.high=50 or guess.agent.max_turns=4")
     p.add_argument("--engine-url", nargs="+", default=[], help="engine base URL(s); several = DP replicas")
-    p.add_argument("--router", action="store_true", help="the single --engine-url is an sglang-router")
+    p.add_argument("--router", action="store_true", help="the single --engine-url is an sglang-router: rollouts are pinned to its healthy workers")
     p.add_argument("--api-key", default=None, help="engine API key (sent as Authorization: Bearer)")
     p.add_argument("--model", default="default", help="model name sent in requests")
     p.add_argument("--serve-args", default="", help="extra `sglgym serve` args when starting an engine")

@@ -194,7 +194,11 @@ def _pool(engine_urls, api_key: str | None, router: bool, model: str) -> EngineP
     if isinstance(engine_urls, EnginePool):
         return engine_urls
     urls = [engine_urls] if isinstance(engine_urls, str) else list(engine_urls)
-    return EnginePool(urls, api_key=api_key, router=router, model=model)
+    if router:
+        if len(urls) != 1:
+            raise ValueError("router=True takes exactly one URL (the sglang-router's)")
+        return EnginePool.from_router(urls[0], api_key=api_key, model=model)
+    return EnginePool(urls, api_key=api_key, model=model)
 
 
 async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int = 4, batch_groups: int = 8,
@@ -207,8 +211,8 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
     """Collect `batch_groups` complete groups of `group_size` rollouts each.
 
     envs: an EnvFleet, a mapping name -> Env, or Envs; each row runs on the env its agent_ref names.
-    engine_urls: one URL, a list (data-parallel replicas, rollouts pinned to one), an sglang-router URL
-        with router=True, or an EnginePool.
+    engine_urls: one URL, a list (data-parallel replicas, each rollout pinned to one), an sglang-router
+        URL with router=True (its healthy workers are used, each rollout pinned to one), or an EnginePool.
     rows: NeMo Gym rows, consumed in order; with dynamic sampling (drop groups whose rewards are all
         equal) or failures, later rows replace dropped groups until the batch is full or rows run out.
     sampling: temperature, top_p, max_tokens (per turn), optionally seed; a row's
