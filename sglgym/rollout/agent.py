@@ -110,6 +110,8 @@ def _carried_message(msg: dict) -> dict:
 
 async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine_client: httpx.AsyncClient,
                       env_client: httpx.AsyncClient, opts: LoopOptions) -> Sample:
+    if job.env.config.type == "nemo_gym":
+        return await run_via_nemo_gym_agent(job, env_client, opts)
     env, row, agent = job.env, job.row, job.env.config.agent
     t0 = time.monotonic()
     rollout_id = f"g{job.group_id}-s{job.sample_index}-{uuid.uuid4().hex[:8]}"
@@ -202,4 +204,37 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
         meta={"rollout_id": rollout_id, "sample_index": job.sample_index, "stop_reason": stop_reason,
               "finish_reasons": finish_reasons, "tool_calls": tool_calls_made,
               "elapsed_s": round(time.monotonic() - t0, 4), "verify": extra},
+    )
+
+
+async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opts: LoopOptions) -> Sample:
+    """A rollout run by a NeMo Gym agent server (`POST /run`): it calls the model server (which calls our
+    engine) and the resources server itself; the ids come back on the output items."""
+    from .nemo_gym import row_for_run, turns_from_output
+
+    env, t0 = job.env, time.monotonic()
+    timeout = env.config.agent.env_timeout_s + opts.engine_timeout_s * env.config.agent.max_turns
+    result = await _env_call(client, env, "/run", row_for_run(job.row, opts.sampling), {}, timeout, 0, "run")
+    if "reward" not in result or isinstance(result["reward"], bool) \
+            or not isinstance(result["reward"], (int, float)):
+        raise EnvProtocolError(f"env {env.name!r} /run reply has no numeric 'reward' (keys: {sorted(result)[:12]})",
+                               env.url)
+    output = (result.get("response") or {}).get("output") or []
+    turns = turns_from_output(output)
+    if not turns:
+        raise EnvProtocolError(f"env {env.name!r} /run output carries no generation_token_ids: is the model "
+                               "server configured with return_token_id_information: true?", env.url)
+    tracker = TokenTracker(opts.decode)
+    for i, (prompt, gen, lps) in enumerate(turns):
+        try:
+            tracker.add_turn(prompt, gen, lps)
+        except ContiguityError as e:
+            raise RolloutError("contiguity", str(e), env.url) from None
+    incomplete = (result.get("response") or {}).get("incomplete_details")
+    return tracker.to_sample(
+        reward=float(result["reward"]), group_id=job.group_id, prompt_index=job.prompt_index,
+        truncated=bool(incomplete), env=env.name, engine_url=env.engine_url or "",
+        meta={"sample_index": job.sample_index, "stop_reason": "max_tokens" if incomplete else "done",
+              "elapsed_s": round(time.monotonic() - t0, 4), "agent_url": env.url,
+              "tool_calls": sum(1 for o in output if o.get("type") == "function_call")},
     )

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             engine_server, url, key = start_engine(args.serve_args, args.engine_start_timeout)
             urls = [url]
-        with EnvFleet(configs) as fleet:
+        with EnvFleet(configs, engine_url=urls[0], api_key=key) as fleet:
             rows = _interleave([env.dataset(n_rows, args.data_seed, args.split) for env in fleet])
             sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
             if args.seed is not None:

@@ -76,7 +76,8 @@ def _env_config(name: str, raw: dict) -> EnvConfig:
     kind = raw.pop("type", "resources_server")
     if kind not in SERVER_TYPES:
         raise ValueError(f"server {name!r}: type must be one of {SERVER_TYPES}, got {kind!r}")
-    agent_raw = raw.pop("agent", None) or {}
+    # A nemo_gym server's `agent` names NeMo Gym's agent instance; its loop limits are `agent_loop`.
+    agent_raw = (raw.pop("agent_loop", None) if kind == "nemo_gym" else raw.pop("agent", None)) or {}
     unknown = set(agent_raw) - set(AgentConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"server {name!r}: unknown agent keys {sorted(unknown)}")
@@ -108,8 +109,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
 
 
 def select(configs: dict[str, EnvConfig], names: list[str]) -> dict[str, EnvConfig]:
-    """The chosen servers (comma lists allowed), in the order given; an unknown name is an error."""
-    chosen = [n.strip() for item in names for n in item.split(",") if n.strip()] or list(configs)
+    """The chosen servers (comma lists allowed), in the order given; an unknown name is an error. With no
+    names: every resources_server (NeMo Gym's servers start only when named: they install a venv)."""
+    chosen = [n.strip() for item in names for n in item.split(",") if n.strip()] \
+        or [n for n, c in configs.items() if c.type == "resources_server"]
     missing = [n for n in chosen if n not in configs]
     if missing:
         raise KeyError(f"unknown environment(s) {missing}; the config has {sorted(configs)}")

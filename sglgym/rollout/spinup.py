@@ -154,6 +154,7 @@ class Env:
     config: EnvConfig
     url: str
     server: ServerProcess | None = None
+    engine_url: str | None = None   # nemo_gym envs: the engine their model server calls
     _impl: object = field(default=None, repr=False)
 
     @property
@@ -186,8 +187,8 @@ class Env:
             out = self.impl.dataset(n, seed=seed, split=split)
         else:
             raise ValueError(f"env {self.name!r} has no dataset: set dataset.jsonl in its config")
-        for row in out:  # rows name the env that runs them (NeMo Gym's agent_ref)
-            row.setdefault("agent_ref", {"type": "responses_api_agents", "name": self.name})
+        for row in out:  # rows name the env that runs them (NeMo Gym's agent_ref): this env
+            row["agent_ref"] = {"type": "responses_api_agents", "name": self.name}
         return out
 
     def write_dataset(self, path: str | os.PathLike, n: int, seed: int | None = None,
@@ -210,8 +211,9 @@ class EnvFleet:
             rows = fleet["guess"].dataset(16)
     """
 
-    def __init__(self, configs: dict[str, EnvConfig]):
+    def __init__(self, configs: dict[str, EnvConfig], engine_url: str | None = None, api_key: str | None = None):
         self.configs = configs
+        self.engine_url, self.api_key = engine_url, api_key   # for nemo_gym envs (their model server)
         self.envs: dict[str, Env] = {}
         self.extra_servers: list = []   # handles of non-uvicorn spin-ups (nemo_gym), stopped with us
 

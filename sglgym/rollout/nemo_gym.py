@@ -1,0 +1,244 @@
+"""Real NeMo Gym: start NeMo Gym's own servers (resources server, agent, `vllm_model` model server) with
+its `ng_run`, pointed at our engine, and collect through the agent's `/run`.
+
+nemo-gym needs Python >= 3.12 and brings Ray; it lives in its own venv (made here with a Python 3.12
+interpreter, `pip install nemo-gym==VERSION uv`), and `ng_run` builds one uv venv per server inside it.
+Everything `ng_run` starts stays in its process group; stopping sends SIGINT (its own shutdown: servers
+and Ray), then kills by PID whatever of its process tree is left.
+
+Config (configs/envs.yaml):
+    nemo_gym_weather:
+      type: nemo_gym
+      config_paths: [resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml]
+      agent: example_single_tool_call_simple_agent      # server instance whose /run we call
+      engine_url: http://127.0.0.1:30000                # or given to EnvFleet(engine_url=...)
+      set: {...}                                         # extra NeMo Gym config keys (dotted) to merge
+      dataset: {jsonl: resources_servers/example_single_tool_call/data/example.jsonl}
+Relative paths resolve against the installed nemo-gym package root.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import EnvConfig
+from .spinup import LOG_DIR, Env, ServerProcess, free_port, start_process
+
+VERSION = "0.4.0"
+VENV_ROOT = Path(os.environ.get("SGLGYM_CACHE", Path.home() / ".cache" / "sglgym")) / "nemo-gym"
+POLICY_CONFIG = "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml"
+
+
+def find_python312() -> str | None:
+    """A Python >= 3.12 interpreter: $SGLGYM_PYTHON312, python3.12/3.13 on PATH, or a pyenv install."""
+    candidates = [os.environ.get("SGLGYM_PYTHON312"), shutil.which("python3.12"), shutil.which("python3.13")]
+    candidates += sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]")))
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def ensure_venv(version: str = VERSION, python: str | None = None, log=print) -> Path:
+    """The venv with nemo-gym installed (created once, reused: `.complete` marks a finished install)."""
+    venv = VENV_ROOT / f"venv-{version}"
+    if (venv / ".complete").exists():
+        return venv
+    python = python or find_python312()
+    if python is None:
+        raise RuntimeError("nemo-gym needs Python >= 3.12 and none was found (set SGLGYM_PYTHON312)")
+    if venv.exists():
+        shutil.rmtree(venv)
+    log(f"[nemo-gym] creating {venv} with {python} (first time: several minutes)")
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", f"nemo-gym=={version}", "uv"], check=True)
+    (venv / ".complete").write_text(version)
+    return venv
+
+
+def package_root(venv: Path) -> Path:
+    """Where nemo-gym's resources_servers/, responses_api_agents/, ... live (site-packages)."""
+    out = subprocess.run([str(venv / "bin/python"), "-c",
+                          "import nemo_gym, os; print(os.path.dirname(os.path.dirname(nemo_gym.__file__)))"],
+                         check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _instance(configs: list[dict], name: str) -> tuple[str, str]:
+    """(server type, implementation) of a server instance: `name: {type: {impl: {...}}}`."""
+    for c in configs:
+        if name in c:
+            kind = next(iter(c[name]))
+            return kind, next(iter(c[name][kind]))
+    raise KeyError(f"server instance {name!r} is not in the NeMo Gym configs")
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+@dataclass
+class NemoGymRun:
+    """The `ng_run` process and what it serves."""
+    server: ServerProcess
+    agent_url: str
+    ports: dict = field(default_factory=dict)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        proc = self.server.process
+        tree = _descendants(proc.pid) | {proc.pid}
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)          # ng_run's own shutdown: servers, Ray
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        tree |= _descendants(proc.pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            for pid in list(tree):                     # Ray daemons may have left the group
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    tree.discard(pid)
+            time.sleep(0.5 if sig == signal.SIGTERM else 0)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        from .spinup import _LIVE
+        _LIVE.discard(self.server)
+
+
+def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
+    """Start NeMo Gym's servers for `cfg` (see the module doc) and return an Env whose url is the agent's."""
+    extra = cfg.extra
+    engine_url = (extra.get("engine_url") or getattr(fleet, "engine_url", None) or "").rstrip("/")
+    if not engine_url:
+        raise ValueError(f"nemo_gym env {cfg.name!r}: needs engine_url (config key or EnvFleet(engine_url=...))")
+    api_key = extra.get("api_key") or getattr(fleet, "api_key", None) or "none"
+    venv = ensure_venv(str(extra.get("version", VERSION)))
+    root = package_root(venv)
+    resolve = lambda p: str(p if Path(p).is_absolute() else root / p)  # noqa: E731
+    paths = [resolve(p) for p in extra.get("config_paths", [])] + [resolve(extra.get("policy_config", POLICY_CONFIG))]
+    loaded = [yaml.safe_load(Path(p).read_text()) for p in paths]
+    agent = extra.get("agent")
+    if not agent:
+        raise ValueError(f"nemo_gym env {cfg.name!r}: name the agent server instance to call (agent: ...)")
+
+    # Fixed ports for every instance, so we know where the agent listens.
+    overlay: dict = {
+        "policy_base_url": f"{engine_url}/v1", "policy_api_key": api_key,
+        "policy_model_name": extra.get("model_name", "default"),
+        "head_server": {"host": "127.0.0.1", "port": free_port()},
+        "uv_venv_dir": str(VENV_ROOT / "server-venvs"), "skip_venv_if_present": True,
+    }
+    ports = {}
+    for c in loaded:
+        for name in c:
+            kind, impl = _instance([c], name)
+            ports[name] = free_port()
+            overlay.setdefault(name, {}).setdefault(kind, {})[impl] = {"host": "127.0.0.1", "port": ports[name]}
+    for key, value in (extra.get("set") or {}).items():
+        _set_dotted(overlay, key, value)
+    if cfg.dataset.get("jsonl"):
+        cfg.dataset["jsonl"] = resolve(cfg.dataset["jsonl"])
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    overlay_path = LOG_DIR / f"nemo-gym-{cfg.name}-{os.getpid()}.yaml"
+    overlay_path.write_text(yaml.safe_dump(overlay))
+
+    env = dict(os.environ)
+    # uv must build the per-server venvs from this interpreter, not download one (no network for that)
+    base_python = Path(os.path.realpath(venv / "bin/python")).parent
+    env["PATH"] = f"{venv / 'bin'}:{base_python}:{env.get('PATH', '')}"
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env["UV_PYTHON_PREFERENCE"] = "only-system"
+    env.pop("PYTHONPATH", None)        # our venv's paths must not leak into NeMo Gym's
+    env.setdefault("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    cmd = [str(venv / "bin/gym"), "env", "start"]
+    for p in paths + [str(overlay_path)]:
+        cmd += ["--config", p]
+    agent_url = f"http://127.0.0.1:{ports[agent]}"
+    server = start_process(f"nemo-gym-{cfg.name}", cmd, agent_url, env=env)
+    run = NemoGymRun(server, agent_url, ports)
+    fleet.extra_servers.append(run)
+    _wait_ready(run, ports, cfg.startup_timeout_s)
+    return Env(cfg, agent_url, engine_url=engine_url)
+
+
+def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:
+    """Every instance port accepts connections (ng_run prints its own progress into the log)."""
+    import socket
+    deadline = time.monotonic() + timeout_s
+    waiting = dict(ports)
+    while waiting:
+        if not run.server.alive():
+            raise RuntimeError(f"ng_run exited with {run.server.process.returncode}; log {run.server.log_path}:\n"
+                               f"{run.server.log_tail(4000)}")
+        for name, port in list(waiting.items()):
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    waiting.pop(name)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"NeMo Gym servers {sorted(waiting)} not up after {timeout_s:.0f}s; log "
+                               f"{run.server.log_path}:\n{run.server.log_tail(4000)}")
+        time.sleep(1)
+    time.sleep(1.0)
+
+
+def row_for_run(row: dict, sampling: dict) -> dict:
+    """The row sent to the agent's /run, with the batch's sampling parameters in Responses API terms."""
+    params = dict(row["responses_create_params"])
+    params.setdefault("temperature", sampling.get("temperature"))
+    params.setdefault("top_p", sampling.get("top_p"))
+    if sampling.get("max_tokens") is not None:
+        params.setdefault("max_output_tokens", sampling["max_tokens"])
+    params = {k: v for k, v in params.items() if v is not None}
+    return {**{k: v for k, v in row.items() if k != "agent_ref"}, "responses_create_params": params}
+
+
+def turns_from_output(output: list[dict]) -> list[tuple[list[int], list[int], list[float]]]:
+    """(prompt ids, generated ids, logprobs) of each model call, from the items that carry them (NeMo
+    Gym puts them on the last output item of each model response)."""
+    return [(o["prompt_token_ids"], o["generation_token_ids"], o["generation_log_probs"])
+            for o in output if isinstance(o, dict) and o.get("generation_token_ids") is not None]
+
+
+def dump(obj) -> str:
+    return json.dumps(obj)[:300]
