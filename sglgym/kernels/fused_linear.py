@@ -42,7 +42,7 @@ class LinearLogprobFn(torch.autograd.Function):
             for a in range(0, t, rows):
                 b = min(a + rows, t)
                 z = hidden[a:b] @ wt
-                m[a:b], s[a:b], tgt[a:b] = stats(z, target_ids[a:b], inv_temp, vocab_start, None)
+                m[a:b], s[a:b], tgt[a:b] = stats(z, target_ids[a:b], inv_temp, vocab_start, b - a)
         logp, m, log_s = finish_logp(m, s, tgt, target_ids, group)
         ctx.save_for_backward(hidden, weight, target_ids, m, log_s)
         ctx.cfg = (inv_temp, vocab_start, backend, rows, group)
@@ -64,7 +64,7 @@ class LinearLogprobFn(torch.autograd.Function):
             b = min(a + rows, t)
             hc = hidden[a:b]
             z = hc @ wt
-            grad(z, target_ids[a:b], m[a:b], log_s[a:b], g[a:b], inv_temp, vocab_start, out=z)
+            grad(z, target_ids[a:b], m[a:b], log_s[a:b], g[a:b], inv_temp, vocab_start, out=z, chunk_rows=b - a)
             if need_h:
                 torch.mm(z, weight, out=dh[a:b])
             if need_w:

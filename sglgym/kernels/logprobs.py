@@ -37,22 +37,30 @@ class LogprobFn(torch.autograd.Function):
                 chunk_rows: Optional[int]):
         if logits.stride(-1) != 1:
             logits = logits.contiguous()  # (in-place backward then lands in this copy: harmless, just not free)
-        stats, _ = primitives(backend)
         group, rank, _ = tp_info(tp_group)
         inv_temp = 1.0 / temperature
         vocab_start = rank * logits.shape[1]
+        ctx.cfg = (inv_temp, vocab_start, backend, inplace, chunk_rows)
+        ctx.local = backend == "torch" and group is None
+        if ctx.local:  # fused ATen log_softmax per chunk; backward recomputes the chunk's softmax
+            ctx.save_for_backward(logits, target_ids)
+            return torch_ops.logp_local_torch(logits, target_ids, inv_temp, chunk_rows)
+        stats, _ = primitives(backend)
         m, s, tgt = stats(logits, target_ids, inv_temp, vocab_start, chunk_rows)
         logp, m, log_s = finish_logp(m, s, tgt, target_ids, group)
         ctx.save_for_backward(logits, target_ids, m, log_s)
-        ctx.cfg = (inv_temp, vocab_start, backend, inplace, chunk_rows)
         return logp
 
     @staticmethod
     def backward(ctx, dlogp):
-        logits, target_ids, m, log_s = ctx.saved_tensors
         inv_temp, vocab_start, backend, inplace, chunk_rows = ctx.cfg
-        _, grad = primitives(backend)
+        logits, target_ids = ctx.saved_tensors[:2]
         g = torch.where(target_ids >= 0, dlogp.float(), 0.0)
         out = logits if inplace else None
-        dlogits = grad(logits, target_ids, m, log_s, g, inv_temp, vocab_start, out=out, chunk_rows=chunk_rows)
+        if ctx.local:
+            dlogits = torch_ops.grad_local_torch(logits, target_ids, g, inv_temp, out=out, chunk_rows=chunk_rows)
+        else:
+            m, log_s = ctx.saved_tensors[2:]
+            _, grad = primitives(backend)
+            dlogits = grad(logits, target_ids, m, log_s, g, inv_temp, vocab_start, out=out, chunk_rows=chunk_rows)
         return dlogits, None, None, None, None, None, None
