@@ -106,7 +106,12 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
-def cpu_worker(method: str, t: int, v: int, reps: int) -> dict:
+CPU_METHODS = ["naive-eager", "reference", "chunked", "chunked-inplace"]
+
+
+def cpu_worker(mode: str, t: int, v: int, reps: int) -> dict:
+    """mode "time": all methods interleaved round-robin in this one process (the machine may be shared:
+    interleaving exposes every method to the same load). mode "mem:<method>": one step's peak RSS."""
     import torch
 
     from sglgym.kernels import GRPOLossConfig, grpo_loss
@@ -119,7 +124,7 @@ def cpu_worker(method: str, t: int, v: int, reps: int) -> dict:
     make_logits = producer(torch)
     args = (inp["target"], inp["old"], inp["adv"], inp["mask"], inp["cu"])
 
-    def step():
+    def step(method):
         x = make_logits(buf)
         if method == "naive-eager":
             loss = naive_core(torch, x, inp["target"], inp["old"], inp["adv"], inp["mask"])
@@ -132,23 +137,29 @@ def cpu_worker(method: str, t: int, v: int, reps: int) -> dict:
         else:
             raise ValueError(method)
         loss.backward()
-        return loss
+        return float(loss)
 
-    loss = step()  # warm-up (allocator, first-call costs)
-    times = []
+    if mode.startswith("mem:"):
+        method = mode[4:]
+        step(method)  # warm-up (allocator, first-call costs)
+        buf.copy_(base)
+        rss0 = _proc_status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        loss = step(method)
+        return {"method": method, "loss": loss, "peak_extra_bytes": _proc_status("VmHWM") - rss0}
+    times = {m: [] for m in CPU_METHODS}
+    losses = {}
+    for m in CPU_METHODS:
+        buf.copy_(base)
+        step(m)  # warm-up
     for _ in range(reps):
-        buf.copy_(base)  # the in-place variant overwrote the logits with their gradient
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    buf.copy_(base)
-    rss0 = _proc_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    step()
-    extra = _proc_status("VmHWM") - rss0
-    return {"method": method, "loss": float(loss), "time_s_median": statistics.median(times), "times_s": times,
-            "peak_extra_bytes": extra, "threads": torch.get_num_threads()}
+        for m in CPU_METHODS:
+            buf.copy_(base)  # the in-place variant overwrote the logits with their gradient
+            t0 = time.perf_counter()
+            losses[m] = step(m)
+            times[m].append(time.perf_counter() - t0)
+    return {"times_s": times, "losses": losses, "threads": torch.get_num_threads()}
 
 
 def cpu_description() -> dict:
@@ -176,26 +187,36 @@ def cpu_description() -> dict:
 
 def run_cpu(args) -> dict:
     t, v = args.tokens, args.vocab
-    methods = ["naive-eager", "reference", "chunked", "chunked-inplace"]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+
+    def worker(mode):
+        out = subprocess.run([sys.executable, __file__, "_cpu_worker", mode, str(t), str(v), str(args.reps)],
+                             env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    load_before = os.getloadavg()
+    timing = worker("time")
+    mems = {m: worker("mem:" + m) for m in CPU_METHODS}
+    load_after = os.getloadavg()
+    logits_bytes = t * v * 4
     rows = []
-    for method in methods:
-        out = subprocess.run(
-            [sys.executable, __file__, "_cpu_worker", method, str(t), str(v), str(args.reps)],
-            env=env, capture_output=True, text=True, check=True,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1]["method"], f"{rows[-1]['time_s_median']*1e3:.0f} ms",
+    for m in CPU_METHODS:
+        ts = timing["times_s"][m]
+        rows.append({"method": m, "loss": timing["losses"][m], "time_s_median": statistics.median(ts),
+                     "time_s_min": min(ts), "times_s": ts, "peak_extra_bytes": mems[m]["peak_extra_bytes"]})
+        print(m, f"median {rows[-1]['time_s_median']*1e3:.0f} ms, min {rows[-1]['time_s_min']*1e3:.0f} ms,",
               f"extra {rows[-1]['peak_extra_bytes']/2**20:.0f} MiB", file=sys.stderr)
     naive = rows[0]
-    logits_bytes = t * v * 4
     for r in rows:
-        r["speed_vs_naive"] = naive["time_s_median"] / r["time_s_median"]
+        r["speed_vs_naive_median"] = naive["time_s_median"] / r["time_s_median"]
+        r["speed_vs_naive_min"] = naive["time_s_min"] / r["time_s_min"]
         r["peak_extra_vs_naive"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"]
         r["peak_total_vs_naive"] = (r["peak_extra_bytes"] + logits_bytes) / (naive["peak_extra_bytes"] + logits_bytes)
+    machine = cpu_description()
+    machine.update(threads=timing["threads"], loadavg_before=load_before, loadavg_after=load_after)
     return {
         "bench": "grpo_loss fwd+bwd, CPU, chunked torch path vs naive torch",
-        "machine": cpu_description(),
+        "machine": machine,
         "shape": {"T": t, "V": v, "dtype": "float32", "seqs": max(1, t // 1024), "loss": "GRPO token-mean"},
         "logits_bytes": logits_bytes,
         "targets": {"peak_vs_naive_max": 0.25, "speed_vs_naive_min": 1.0},
@@ -203,8 +224,10 @@ def run_cpu(args) -> dict:
         "notes": "naive-eager: log_softmax + gather + clip loss in eager torch, fp32; reference: "
                  "sglgym.kernels.reference (same math + metrics, materialises [T, V]); chunked: "
                  "grpo_loss(backend='torch'); -inplace: gradient written into the logits buffer. "
+                 "The logits come from a stand-in for lm_head that drops its gradient in backward. "
                  "peak_extra = peak RSS above the resident inputs, so it includes the [T, V] logits "
-                 "gradient unless in place.",
+                 "gradient unless in place. Timing: methods interleaved round-robin in one process; "
+                 "the machine is shared (see loadavg), so min is the least disturbed figure.",
     }
 
 
@@ -384,8 +407,8 @@ def _has_cuda() -> bool:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_cpu_worker":
-        _, _, method, t, v, reps = sys.argv
-        print(json.dumps(cpu_worker(method, int(t), int(v), int(reps))))
+        _, _, mode, t, v, reps = sys.argv
+        print(json.dumps(cpu_worker(mode, int(t), int(v), int(reps))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["cpu", "gpu"])
