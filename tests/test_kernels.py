@@ -241,6 +241,19 @@ def test_fully_masked_batch(case, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    cfg = CONFIGS["gspo-k3-dual"]
+    e = torch.empty(0)
+    for fused in (True, False):
+        x = torch.empty(0, 11, requires_grad=True)
+        loss, m = grpo_loss(x, torch.empty(0, dtype=torch.long), e, e, e.bool(), torch.zeros(1, dtype=torch.int32),
+                            cfg, ref_logprobs=e, backend=backend, fused=fused)
+        loss.backward()
+        assert loss.item() == 0.0 and x.grad.shape == (0, 11)
+        assert all(torch.isfinite(v) for v in m.values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_token_logprobs_matches_reference(case, backend, temperature):
     x = case["logits"].clone().requires_grad_()

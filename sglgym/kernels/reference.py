@@ -288,13 +288,18 @@ def summarize(
     ratio = ratio.detach().float()
     any_valid = n > 0
     one = torch.ones_like(n)
+    if ratio.numel() == 0:  # empty micro-batch: amin/amax of nothing would raise
+        rmin = rmax = one
+    else:
+        rmin = torch.where(any_valid, torch.where(valid, ratio, math.inf).amin(), one)
+        rmax = torch.where(any_valid, torch.where(valid, ratio, -math.inf).amax(), one)
     out = {
         "num_tokens": n,
         "clip_frac_low": mean(clip_low),
         "clip_frac_high": mean(clip_high),
         "ratio_mean": mean(ratio),
-        "ratio_min": torch.where(any_valid, torch.where(valid, ratio, math.inf).amin(), one),
-        "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -math.inf).amax(), one),
+        "ratio_min": rmin,
+        "ratio_max": rmax,
     }
     if config.dual_clip_c is not None:
         out["clip_frac_dual"] = mean(dual)
