@@ -13,8 +13,11 @@ from sglgym.rollout.nemo_gym import _descendants, ensure_venv, find_python312
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "envs.yaml"
 
-pytestmark = pytest.mark.skipif(find_python312() is None,
-                                reason="nemo-gym needs Python >= 3.12: none found (set SGLGYM_PYTHON312)")
+pytestmark = [
+    pytest.mark.skipif(find_python312() is None,
+                       reason="nemo-gym needs Python >= 3.12: none found (set SGLGYM_PYTHON312)"),
+    pytest.mark.timeout(1800),  # the first run installs nemo-gym and NeMo Gym's per-server venvs
+]
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
             body["seed"] = int(body["seed"]) + 1000 * job.prompt_index + 100 * job.sample_index + turn
         try:
             reply = await post_json(engine_client, chat_url, body, timeout_s=opts.engine_timeout_s,
-                                    retries=opts.retries, headers=pool.headers(rollout_id))
+                                    retries=opts.retries, headers=pool.headers())
         except TransportError as e:
             raise RolloutError("engine", str(e), engine_url) from None
         if _is_context_error(reply):      # the conversation no longer fits: a truncated rollout

@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = select(load_config(args.config, args.overrides), args.env)
     n_rows = args.num_prompts or 4 * args.batch_groups
 
-    if args.write_datasets:
-        fleet = EnvFleet(configs)
+    if args.write_datasets:   # generators run in this process: no server needed
+        from .spinup import Env
         for cfg in configs.values():
-            from .spinup import Env
             path = Env(cfg, "").write_dataset(Path(args.write_datasets) / f"{cfg.name}.{args.split}.jsonl",
                                               n_rows, args.data_seed, args.split)
             print(path)

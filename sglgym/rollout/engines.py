@@ -58,7 +58,7 @@ class EnginePool:
     def release(self, url: str) -> None:
         self.in_flight[url] -= 1
 
-    def headers(self, rollout_key: str) -> dict:
+    def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 

@@ -20,7 +20,6 @@ Relative paths resolve against the installed nemo-gym package root.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -239,6 +238,3 @@ def turns_from_output(output: list[dict]) -> list[tuple[list[int], list[int], li
     return [(o["prompt_token_ids"], o["generation_token_ids"], o["generation_log_probs"])
             for o in output if isinstance(o, dict) and o.get("generation_token_ids") is not None]
 
-
-def dump(obj) -> str:
-    return json.dumps(obj)[:300]
