@@ -193,7 +193,10 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
     for p in paths + [str(overlay_path)]:
         cmd += ["--config", p]
     agent_url = f"http://127.0.0.1:{ports[agent]}"
-    server = start_process(f"nemo-gym-{cfg.name}", cmd, agent_url, env=env)
+    # NeMo Gym (hydra) writes outputs/<date>/ into its working directory: keep that out of the caller's.
+    run_dir = LOG_DIR / f"nemo-gym-{cfg.name}-run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server = start_process(f"nemo-gym-{cfg.name}", cmd, agent_url, env=env, cwd=run_dir)
     run = NemoGymRun(server, agent_url, ports)
     fleet.extra_servers.append(run)
     _wait_ready(run, ports, cfg.startup_timeout_s)

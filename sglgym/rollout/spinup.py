@@ -61,12 +61,13 @@ class ServerProcess:
             return ""
 
 
-def start_process(name: str, cmd: list[str], url: str, env: dict | None = None) -> ServerProcess:
+def start_process(name: str, cmd: list[str], url: str, env: dict | None = None,
+                  cwd: str | os.PathLike | None = None) -> ServerProcess:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, preexec_fn=_die_with_parent)
+                                start_new_session=True, env=env, cwd=cwd, preexec_fn=_die_with_parent)
     server = ServerProcess(name, url, proc, log_path)
     _LIVE.add(server)
     return server
