@@ -85,6 +85,25 @@ def test_stop_token_is_the_last_generated_id(engine):
     assert capped["finish_reason"] == "length" and len(capped["message"]["generation_token_ids"]) == 2
 
 
+def test_ignore_eos_generates_max_tokens(engine):
+    out = chat(engine, {"messages": USER, "max_tokens": 24, "n": 4, "seed": 3, "ignore_eos": True})
+    for choice in out["choices"]:
+        assert choice["finish_reason"] == "length"
+        assert len(choice["message"]["generation_token_ids"]) == 24
+
+
+def test_repeated_prompt_is_rendered_once_and_ids_stay_exact(engine, tokenizer):
+    """The route caches template renders (GRPO sends each prompt G times): a hit must give the same ids."""
+    body = {"messages": [{"role": "user", "content": "cache me: 3 + 4"}], "max_tokens": 1}
+    first = chat(engine, body)["choices"][0]["message"]["prompt_token_ids"]
+    second = chat(engine, body)["choices"][0]["message"]["prompt_token_ids"]
+    expected = tokenizer.encode(tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True,
+                                                              tokenize=False), add_special_tokens=False)
+    assert first == second == expected
+    other = chat(engine, {**body, "messages": [{"role": "user", "content": "cache me: 3 + 5"}]})
+    assert other["choices"][0]["message"]["prompt_token_ids"] != expected
+
+
 def test_multi_turn_carried_ids_are_contiguous(engine, tokenizer):
     messages = [{"role": "system", "content": "Answer briefly."}, *USER]
     seen: list[int] = []
@@ -171,6 +190,7 @@ BAD = [
     ({"tools": [{"type": "function"}]}, "user", "tools[0]"),
     ({"tool_choice": "required"}, "user", "tool_choice"),
     ({"stream": True}, "user", "stream"),
+    ({"ignore_eos": "yes please"}, "user", "ignore_eos"),
     ({"gen_ids": [1.5]}, "carried", "messages[1].generation_token_ids[0]"),
     ({"gen_ids": [-1]}, "carried", "messages[1].generation_token_ids[0]"),
     ({"gen_ids": [10**9]}, "carried", "messages[1].generation_token_ids[0]"),

@@ -67,3 +67,25 @@ def test_tiny_model_is_deterministic(tmp_path, tiny_model_path):
     assert (again / "tokenizer.json").read_text() == open(f"{tiny_model_path}/tokenizer.json").read()
     merges = json.loads((again / "tokenizer.json").read_text())["model"]["merges"]
     assert len(merges) > 100  # a real BPE: re-tokenizing text can merge what was generated apart
+
+
+def test_prompt_cache_returns_copies_and_is_bounded(tokenizer):
+    from sglgym.engine.prompt import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, cache_size=2)
+    chats = [[{"role": "user", "content": f"what is {i} + 1?"}] for i in range(3)]
+    first = builder.render_ids(chats[0], None, {}, True)
+    first.append(-1)  # a caller mutating its ids must not change the cache
+    again = builder.render_ids(chats[0], None, {}, True)
+    assert builder.cache_hits == 1 and again[-1] != -1
+    assert again == tokenizer.encode(tokenizer.apply_chat_template(chats[0], add_generation_prompt=True,
+                                                                   tokenize=False), add_special_tokens=False)
+    # a different add_generation_prompt or template kwarg is another key
+    assert builder.render_ids(chats[0], None, {}, False) != again
+    builder.render_ids(chats[1], None, {}, True)
+    builder.render_ids(chats[2], None, {}, True)
+    assert len(builder._cache) == 2
+    off = PromptBuilder(tokenizer, cache_size=0)
+    off.render_ids(chats[0], None, {}, True)
+    off.render_ids(chats[0], None, {}, True)
+    assert off.cache_hits == 0 and not off._cache

@@ -18,6 +18,9 @@ CPU_DEFAULTS = {  # only applied when the user did not pass the flag
     "--max-total-tokens": "16384",
     "--dtype": "float32",  # exact logprobs on CPU; `auto` would turn fp32 configs into fp16
 }
+# An idle CPU scheduler would busy-poll a whole core that the trainer, the environments and the clients
+# need; it sleeps on its sockets instead and wakes on the next request.
+CPU_DEFAULT_SWITCHES = ["--sleep-on-idle"]
 DEFAULT_MODEL_FLAGS = {"--tool-call-parser": "qwen25", "--served-model-name": "sglgym-tiny"}
 
 
@@ -70,6 +73,7 @@ def build_sglang_argv(argv: list[str], cpu: bool) -> list[str]:
         for flag, value in CPU_DEFAULTS.items():
             if not _has_flag(argv, flag):
                 argv += [flag, value]
+        argv += [s for s in CPU_DEFAULT_SWITCHES if not _has_flag(argv, s)]
     return argv
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import orjson
+
 from .onpolicy import CarriedIdsError, splice_carried_prefix
 from .protocol import ApiError, Carried
 
@@ -9,12 +13,36 @@ from .protocol import ApiError, Carried
 class PromptBuilder:
     """Renders chats with the served tokenizer's chat template and splices in carried token ids."""
 
-    def __init__(self, tokenizer, eos_token_id: int | None = None):
+    def __init__(self, tokenizer, eos_token_id: int | None = None, cache_size: int = 1024):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+        # GRPO sends each prompt G times (one request per sample, as NeMo Gym does): rendering the chat
+        # template once per group instead of once per request is most of the route's own CPU cost.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
+        self.cache_hits = 0
 
     def render_ids(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict,
                    add_generation_prompt: bool) -> list[int]:
+        """Template ids of a chat (an LRU cache keyed by the exact JSON of what the template sees)."""
+        try:
+            key = orjson.dumps([messages, tools, template_kwargs, add_generation_prompt])
+        except TypeError:  # not JSON-serialisable (not from a request): no caching
+            return self._render(messages, tools, template_kwargs, add_generation_prompt)
+        ids = self._cache.get(key)
+        if ids is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return list(ids)
+        ids = self._render(messages, tools, template_kwargs, add_generation_prompt)
+        if self.cache_size > 0:
+            self._cache[key] = ids
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return list(ids)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict,
+                add_generation_prompt: bool) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,

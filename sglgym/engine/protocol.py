@@ -63,6 +63,7 @@ class ChatRequest:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False           # SGLang/vLLM extension: generate max_tokens (benchmarks)
     stream: bool = False
 
 
@@ -236,5 +237,6 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=0.0, hi=2.0),
+        ignore_eos=_bool(body, "ignore_eos", False),
         stream=_bool(body, "stream", False),
     )

@@ -11,6 +11,7 @@ SGLang's own chat route stays reachable at `/sglang/v1/chat/completions` (for si
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class EngineRoutes:
     def __init__(self, options: RouteOptions):
         self.options = options
         self._builder: PromptBuilder | None = None
-        self._parsers: dict = {}
+        self._tokens: dict[tuple[int, bool], tuple[str, list[int]]] = {}
 
     # --- SGLang state -------------------------------------------------------------------------
     @property
@@ -70,7 +71,9 @@ class EngineRoutes:
             if eos is None:
                 ids = tm.model_config.hf_eos_token_id
                 eos = min(ids) if ids else None
-            self._builder = PromptBuilder(tm.tokenizer, eos)
+            # SGLGYM_PROMPT_CACHE_SIZE=0 turns the template cache off (to measure what it saves)
+            self._builder = PromptBuilder(tm.tokenizer, eos,
+                                          cache_size=int(os.environ.get("SGLGYM_PROMPT_CACHE_SIZE", "1024")))
         return self._builder
 
     def vocab_size(self) -> int:
@@ -157,6 +160,7 @@ class EngineRoutes:
             "stop_token_ids": req.stop_token_ids or None,
             "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
             "repetition_penalty": req.repetition_penalty, "skip_special_tokens": req.skip_special_tokens,
+            "ignore_eos": req.ignore_eos,
         }
         if req.top_k not in (None, 0):
             sampling["top_k"] = req.top_k
@@ -210,17 +214,22 @@ class EngineRoutes:
                       "total_tokens": len(prompt_ids) + completion_tokens},
         }
 
-    @staticmethod
-    def _token_str(tokenizer, token_id: int, as_id: bool) -> str:
-        return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id])
+    def _token(self, tokenizer, token_id: int, as_id: bool) -> tuple[str, list[int]]:
+        """(token string, its UTF-8 bytes) as OpenAI logprobs show them; memoised per id (per-token work)."""
+        key = (token_id, as_id)
+        hit = self._tokens.get(key)
+        if hit is None:
+            text = f"token_id:{token_id}" if as_id else tokenizer.decode([token_id])
+            hit = self._tokens[key] = (text, list(text.encode()))
+        return hit
 
     def _logprob_entry(self, tokenizer, token_id: int, logprob: float, top, req: ChatRequest) -> dict:
         as_id = req.return_tokens_as_token_ids
-        token = self._token_str(tokenizer, token_id, as_id)
-        entry = {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+        token, token_bytes = self._token(tokenizer, token_id, as_id)
+        entry = {"token": token, "logprob": logprob, "bytes": token_bytes, "top_logprobs": []}
         for t in top or []:
-            s = self._token_str(tokenizer, int(t[1]), as_id)
-            entry["top_logprobs"].append({"token": s, "logprob": float(t[0]), "bytes": list(s.encode())})
+            s, s_bytes = self._token(tokenizer, int(t[1]), as_id)
+            entry["top_logprobs"].append({"token": s, "logprob": float(t[0]), "bytes": s_bytes})
         return entry
 
 
