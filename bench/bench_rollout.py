@@ -2,7 +2,8 @@
 
 Rollout side: the full loop (seed_session, chat route with carried ids, verify, packing) via
 `collect_batch`. Raw side: SGLang's native `/generate` with the very prompt ids the rollouts used and the
-same sampling seeds, so both sides generate the same tokens. Runs alternate and the engine's prefix cache
+same sampling seeds (the token counts still differ by a few percent: a seeded sample also depends on the
+batch it ran in). Runs alternate and the engine's prefix cache
 is flushed before each, so neither side inherits the other's cache. Writes JSON with a machine description.
 
     python bench/bench_rollout.py [--engine-url URL --api-key KEY] [--n 256 --concurrency 32]
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch, load_config, select
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         server, url, key = start_engine(args.serve_args, 600)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with EnvFleet(select(load_config(REPO / "configs" / "envs.yaml"), ["arithmetic"])) as fleet:
+        with EnvFleet(select(load_config(DEFAULT_CONFIG), ["arithmetic"])) as fleet:
             rows = fleet["arithmetic"].dataset(args.n // args.group_size, seed=7)
             runs = []
             _, first = asyncio.run(rollout_run(fleet, url, key, rows, args, sampling))  # fixes the raw jobs

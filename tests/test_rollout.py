@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from rollout.helpers import children_of, faulty_env, scripted_engine, serve_in_thread, tool_call, wait_dead
+from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import (ContiguityError, Env, EnvFleet, Sample, TokenTracker, collect_batch_sync,
                             load_config, read_jsonl, select, write_jsonl)
 from sglgym.rollout.config import EnvConfig
@@ -24,7 +25,7 @@ from sglgym.rollout.envs.guess import GuessEnv
 from sglgym.rollout.responses import to_chat_messages, to_chat_tools
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "envs.yaml"
+CONFIG = DEFAULT_CONFIG
 
 
 # --- samples and token tracking ------------------------------------------------------------------

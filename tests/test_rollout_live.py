@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from rollout.helpers import wait_dead
+from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, read_jsonl, select
 from sglgym.rollout.responses import to_chat_messages, to_chat_tools
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "envs.yaml"
+CONFIG = DEFAULT_CONFIG
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12}
 
 

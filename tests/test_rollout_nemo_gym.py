@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from rollout.helpers import wait_dead
+from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, select
 from sglgym.rollout.nemo_gym import _descendants, ensure_venv, find_python312
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "envs.yaml"
+CONFIG = DEFAULT_CONFIG
 
 pytestmark = [
     pytest.mark.skipif(find_python312() is None,

@@ -11,11 +11,12 @@ import httpx
 import pytest
 
 from conftest import start_engine, stop_engine
+from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, select
 from sglgym.rollout.engines import start_router
 from sglgym.rollout.spinup import stop_process
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "envs.yaml"
+CONFIG = DEFAULT_CONFIG
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8}
 
 

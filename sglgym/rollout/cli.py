@@ -1,6 +1,6 @@
 """`sglgym rollout`: spin up the chosen environments, collect one batch of grouped rollouts, write samples.
 
-    sglgym rollout --config configs/envs.yaml --env guess --group-size 4 --batch-groups 8 \
+    sglgym rollout --config sglgym/rollout/envs.yaml --env guess --group-size 4 --batch-groups 8 \
         [--engine-url URL ...] [--set guess.params.high=50] --out rollouts/samples.jsonl
 
 Without --engine-url it starts `sglgym serve` (the tiny model by default; --serve-args to change) and
@@ -81,7 +81,10 @@ def start_engine(serve_args: str, timeout_s: float):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.router and not args.engine_url:
+        parser.error("--router needs --engine-url ROUTER_URL (the sglang-router to read the workers from)")
     configs = select(load_config(args.config, args.overrides), args.env)
     n_rows = args.num_prompts or 4 * args.batch_groups
 

@@ -94,15 +94,16 @@ def _env_config(name: str, raw: dict) -> EnvConfig:
     return cfg
 
 
+# The built-in environments with their agent settings (multi-turn guess, tool-using calculator, ...).
+DEFAULT_CONFIG = Path(__file__).with_name("envs.yaml")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, EnvConfig]:
-    """All servers of the file (or the built-in envs with defaults when path is None), overrides applied."""
-    if path is None:
-        from .envs import BUILTIN
-        raw: dict = {name: {"entrypoint": ep} for name, ep in BUILTIN.items()}
-    else:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of server names")
+    """All servers of the file (the built-in `sglgym/rollout/envs.yaml` when path is None), overrides applied."""
+    path = DEFAULT_CONFIG if path is None else path
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of server names")
     for o in overrides:
         apply_override(raw, o)
     return {name: _env_config(name, body) for name, body in raw.items()}

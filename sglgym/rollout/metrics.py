@@ -41,6 +41,7 @@ def batch_metrics(samples: list[Sample], *, wall_s: float, finished: list[Sample
         "failure_stages": dict(Counter(f["stage"] for f in failures)),
         "reward_mean": _mean(rewards),
         "reward_std": _std(rewards),
+        "reward_mean_finished": _mean(s.reward for s in finished),  # before the dynamic-sampling filter
         "turns_mean": _mean(s.num_turns for s in samples),
         "turns_max": max((s.num_turns for s in samples), default=0),
         "tokens_mean": _mean(len(s.token_ids) for s in samples),

@@ -1,12 +1,12 @@
 """Real NeMo Gym: start NeMo Gym's own servers (resources server, agent, `vllm_model` model server) with
-its `ng_run`, pointed at our engine, and collect through the agent's `/run`.
+its `gym env start` (the `ng_run` of older releases), pointed at our engine, and collect through the agent's `/run`.
 
 nemo-gym needs Python >= 3.12 and brings Ray; it lives in its own venv (made here with a Python 3.12
-interpreter, `pip install nemo-gym==VERSION uv`), and `ng_run` builds one uv venv per server inside it.
-Everything `ng_run` starts stays in its process group; stopping sends SIGINT (its own shutdown: servers
+interpreter, `pip install nemo-gym==VERSION uv`), and `gym env start` builds one uv venv per server inside it.
+Everything `gym env start` starts stays in its process group; stopping sends SIGINT (its own shutdown: servers
 and Ray), then kills by PID whatever of its process tree is left.
 
-Config (configs/envs.yaml):
+Config (sglgym/rollout/envs.yaml):
     nemo_gym_weather:
       type: nemo_gym
       config_paths: [resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml]
@@ -109,7 +109,7 @@ def _descendants(pid: int) -> set[int]:
 
 @dataclass
 class NemoGymRun:
-    """The `ng_run` process and what it serves."""
+    """The `gym env start` process and what it serves."""
     server: ServerProcess
     agent_url: str
     ports: dict = field(default_factory=dict)
@@ -118,7 +118,7 @@ class NemoGymRun:
         proc = self.server.process
         tree = _descendants(proc.pid) | {proc.pid}
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)          # ng_run's own shutdown: servers, Ray
+            proc.send_signal(signal.SIGINT)          # gym env start's own shutdown: servers, Ray
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -204,13 +204,13 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
 
 
 def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:
-    """Every instance port accepts connections (ng_run prints its own progress into the log)."""
+    """Every instance port accepts connections (gym env start prints its own progress into the log)."""
     import socket
     deadline = time.monotonic() + timeout_s
     waiting = dict(ports)
     while waiting:
         if not run.server.alive():
-            raise RuntimeError(f"ng_run exited with {run.server.process.returncode}; log {run.server.log_path}:\n"
+            raise RuntimeError(f"gym env start exited with {run.server.process.returncode}; log {run.server.log_path}:\n"
                                f"{run.server.log_tail(4000)}")
         for name, port in list(waiting.items()):
             with socket.socket() as s:
