@@ -89,8 +89,8 @@ class GRPOTrainer:
             return self._dist.update(self.policy.named_tensors(), version)
         return refit_from_tensor(self.engine, self.policy.named_tensors(), version)
 
-    def check_agreement(self, samples: list[Sample]) -> dict:
-        sequences = [s.token_ids for s in samples[:4]]
+    def check_agreement(self, sequences: list[list[int]]) -> dict:
+        sequences = sequences[:4]
         result = probe(self.engine, lambda seqs: self.policy.score(seqs, self.cfg.temperature), sequences,
                        atol=self.cfg.probe_atol)
         print(f"[train] {result}", flush=True)
@@ -100,6 +100,13 @@ class GRPOTrainer:
         return {"probe_max_abs_diff": result.max_abs_diff, "probe_ok": result.ok}
 
     # --- warm-up --------------------------------------------------------------------------------
+    def prompt_ids(self, row: dict) -> list[int]:
+        params = row["responses_create_params"]
+        text = self.tokenizer.apply_chat_template(
+            to_chat_messages(params["input"]), tools=to_chat_tools(params.get("tools")),
+            add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def reference_samples(self, rows: list[dict]) -> list[Sample]:
         """Prompt + the row's reference answer + EOS, loss on the answer.
 
@@ -109,11 +116,7 @@ class GRPOTrainer:
         samples = []
         eos = self.tokenizer.eos_token_id
         for i, row in enumerate(rows):
-            params = row["responses_create_params"]
-            text = self.tokenizer.apply_chat_template(
-                to_chat_messages(params["input"]), tools=to_chat_tools(params.get("tools")),
-                add_generation_prompt=True, tokenize=False)
-            prompt = self.tokenizer.encode(text, add_special_tokens=False)
+            prompt = self.prompt_ids(row)
             answer = self.tokenizer.encode(str(row["expected_answer"]), add_special_tokens=False) + [eos]
             ids = prompt + answer
             samples.append(Sample(token_ids=ids, loss_mask=[0] * len(prompt) + [1] * len(answer),
@@ -201,7 +204,7 @@ class GRPOTrainer:
         out["tokens_per_s"] = out["gen_tokens"] / max(t_gen, 1e-9)
         out["step_s"] = time.perf_counter() - t0
         if cfg.probe_every and step % cfg.probe_every == 0:
-            out.update(self.check_agreement(samples))
+            out.update(self.check_agreement([s.token_ids for s in samples]))
         return out
 
     def log(self, metrics: dict) -> None:
@@ -216,7 +219,8 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         summary: dict = {"config": cfg.__dict__.copy(), "machine": machine_info(self.policy.device)}
         summary.update(self.sft_warmup())
-        summary["probe_after_warmup"] = self.check_agreement(self.reference_samples(self.env.dataset(4, seed=7)))
+        summary["probe_before_grpo"] = self.check_agreement(
+            [self.prompt_ids(row) for row in self.env.dataset(4, seed=7)])
         summary["reward_before"] = self.evaluate("before GRPO")
         t_grpo = time.perf_counter()
         bar = tqdm(range(1, cfg.steps + 1), desc="grpo", unit="step", dynamic_ncols=True)
