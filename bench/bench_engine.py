@@ -56,7 +56,7 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
     repetitions: int = 5
     requests_per_worker: int = 6     # a round sends max(concurrency * this, min_requests) requests ...
-    min_requests: int = 32
+    min_requests: int = 96   # long enough rounds at low concurrency (32 swung +-8% at concurrency 1)
     round_time_limit_s: float = 60.0  # ... or stops sending after this many seconds
     prompts: int = 32
     sampling: Sampling = field(default_factory=Sampling)

@@ -153,8 +153,9 @@ def test_sglgym_train_two_steps_end_to_end(engine, control, restore_engine, tmp_
     for m in lines:
         assert m["samples"] == 8 and m["rollout_failures"] == 0
         for key in ("reward_mean", "adv_std", "loss", "clip_frac_low", "clip_frac_high", "token_mult_prob_error",
-                    "tokens_per_s", "gen_s", "train_s", "refit_s", "probe_max_abs_diff"):
+                    "tokens_per_s", "gen_s", "train_s", "refit_s", "probe_max_abs_diff", "kl_step"):
             assert key in m, key
+        assert 0.0 <= m["kl_step"] < 1.0  # k3 is never negative; a small step moves the policy a little
         assert m["probe_ok"] and m["probe_max_abs_diff"] <= 1e-4
         assert m["token_mult_prob_error"] <= 1.05
     assert control.weight_version() == "step-3"  # warm-up refit + 2 GRPO steps

@@ -162,6 +162,19 @@ class GRPOTrainer:
         return reward
 
     # --- one GRPO step --------------------------------------------------------------------------
+    def step_kl(self, mbs) -> float:
+        """KL(pi_before || pi_after) of this step on its own tokens: k3 = r - 1 - log r, r = pi_after/pi_before,
+        averaged over the generated tokens (which were sampled from pi_before)."""
+        total, count = 0.0, 0
+        for mb in mbs:
+            before = mb.old_logprobs if mb.old_logprobs is not None else mb.gen_logprobs
+            log_r = (self.policy.logprobs(mb, self.cfg.temperature).cpu() - before.cpu()).clamp(-20, 20)
+            k3 = log_r.exp() - 1 - log_r
+            mask = mb.loss_mask.cpu() != 0
+            total += float(k3[mask].sum())
+            count += int(mask.sum())
+        return total / max(count, 1)
+
     def step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -187,7 +200,8 @@ class GRPOTrainer:
         for _ in range(cfg.ppo_epochs - 1):
             last = self.policy.grpo_step(mbs, self.loss_cfg)
             train.update({"loss_last_epoch": last["loss"], "clip_frac_high": last["clip_frac_high"],
-                          "clip_frac_low": last["clip_frac_low"], "kl_last_epoch": last.get("kl_mean", 0.0)})
+                          "clip_frac_low": last["clip_frac_low"]})
+        train["kl_step"] = self.step_kl(mbs)
         t_train = time.perf_counter() - t1
         t_refit = self.refit()
         out = {

@@ -87,10 +87,13 @@ class HFPolicy:
             loss_total += float(loss.detach())
             weight = mb.num_loss_tokens / max(total_tokens, 1.0)  # token-weighted metric average
             for k, v in metrics.items():
-                if k in ("ratio_min", "ratio_max"):
-                    sums[k] = min(sums.get(k, float(v)), float(v)) if k == "ratio_min" else max(sums.get(k, float(v)), float(v))
-                elif k != "num_tokens":
-                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+                v = float(v)
+                if k == "ratio_min":
+                    sums[k] = min(sums.get(k, v), v)
+                elif k == "ratio_max":
+                    sums[k] = max(sums.get(k, v), v)
+                elif k != "num_tokens":  # the step's total is returned below
+                    sums[k] = sums.get(k, 0.0) + v * weight
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
         self.optimizer.step()
         self.steps += 1
