@@ -124,6 +124,22 @@ def test_loss_decreases_on_fixed_batch(samples, tiny_model_path):
     assert losses[-1] < losses[0] - 1e-2, losses
 
 
+def test_kl_to_frozen_reference(samples, tiny_model_path):
+    policy = HFPolicy(tiny_model_path, OptimConfig(lr=1e-2))
+    policy.freeze_reference()
+    cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.28, kl_type="k3", beta=0.1)
+    kls = []
+    for _ in range(2):
+        mbs = _micro_batches(samples)
+        for mb in mbs:
+            mb.ref_logprobs = policy.ref_logprobs(mb)
+        kls.append(policy.grpo_step(mbs, cfg)["kl_mean"])
+    assert kls[0] == pytest.approx(0.0, abs=1e-7)  # the policy still is the reference
+    assert kls[1] > 1e-5                            # one step later it is not, and the KL says by how much
+    ref = dict(policy.reference.named_parameters())
+    assert any(not torch.equal(p, ref[n]) for n, p in policy.model.named_parameters())
+
+
 def test_micro_batch_split_does_not_change_the_step(samples, tiny_model_path):
     """Batch-wide denominators: one big micro-batch and many small ones give the same update."""
     a = HFPolicy(tiny_model_path, OptimConfig(lr=1e-2))

@@ -191,6 +191,9 @@ class GRPOTrainer:
                                std_normalize=cfg.advantage_std_normalize)
         mbs = make_micro_batches(samples, adv.tolist(), cfg.micro_batch_tokens)
         t1 = time.perf_counter()
+        if self.loss_cfg.kl_type is not None:
+            for mb in mbs:
+                mb.ref_logprobs = self.policy.ref_logprobs(mb, cfg.temperature)
         if cfg.ppo_epochs > 1:
             # Several updates on one batch: the ratio is taken against the policy that generated it
             # (the trainer's own logprobs, so the clip sees the trainer's moves and not the engine's noise).
@@ -233,6 +236,8 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         summary: dict = {"config": cfg.__dict__.copy(), "machine": machine_info(self.policy.device)}
         summary.update(self.sft_warmup())
+        if self.loss_cfg.kl_type is not None:  # KL to the policy GRPO starts from (after the warm-up)
+            self.policy.freeze_reference()
         summary["probe_before_grpo"] = self.check_agreement(
             [self.prompt_ids(row) for row in self.env.dataset(4, seed=7)])
         summary["reward_before"] = self.evaluate("before GRPO")

@@ -38,21 +38,35 @@ class HFPolicy:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
         self.steps = 0
+        self.reference: torch.nn.Module | None = None  # frozen policy for a KL term (freeze_reference)
 
     # --- forward ------------------------------------------------------------------------------
-    def packed_logits(self, mb: MicroBatch) -> torch.Tensor:
-        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    def packed_logits(self, mb: MicroBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        out = (model or self.model)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
         return mb.packed_logits(out.logits.float())
 
     @torch.no_grad()
     def logprobs(self, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
-        """[T] logprob of every target row under the current weights (old/ref logprob recompute)."""
+        """[T] logprob of every target row under the current weights (old logprob recompute)."""
         was_training = self.model.training
         self.model.eval()
         try:
             return token_logprobs(self.packed_logits(mb), mb.target_ids, temperature)
         finally:
             self.model.train(was_training)
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current weights as the KL reference policy."""
+        import copy
+
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def ref_logprobs(self, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
+        """[T] logprob of every target row under the frozen reference policy."""
+        if self.reference is None:
+            raise RuntimeError("no reference policy: call freeze_reference() first")
+        return token_logprobs(self.packed_logits(mb, self.reference), mb.target_ids, temperature)
 
     def score(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Logprob of every token after the first (what the refit probe compares with the engine)."""
