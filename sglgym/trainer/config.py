@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from sglgym.kernels import GRPOLossConfig
+from sglgym.rollout.config import apply_override
 
 
 @dataclass
@@ -57,10 +58,6 @@ class TrainConfig:
         return GRPOLossConfig(temperature=self.temperature, **self.loss)
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def _coerce(name: str, annotation: str, value):
     """YAML 1.1 reads `1e-3` as a string and `5` as an int where a float is meant: fix by the field's type."""
     if annotation.startswith("Optional[") and annotation.endswith("]"):
@@ -94,19 +91,6 @@ def _coerce(name: str, annotation: str, value):
     return value
 
 
-def apply_set(raw: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ValueError(f"--set expects key=value, got {assignment!r}")
-    key, value = assignment.split("=", 1)
-    parts = key.split(".")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {p} is not a mapping")
-    node[parts[-1]] = _parse_value(value)
-
-
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     raw: dict = {}
     if path:
@@ -114,7 +98,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping")
     for o in overrides:
-        apply_set(raw, o)
+        apply_override(raw, o)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
