@@ -25,6 +25,7 @@ import httpx
 
 from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch, load_config, select
+from sglgym.rollout.seeds import rollout_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = fleet["arithmetic"].dataset(args.n // args.group_size, seed=7)
             runs = []
             _, first = asyncio.run(rollout_run(fleet, url, key, rows, args, sampling))  # fixes the raw jobs
-            jobs = [(s.token_ids[: s.prompt_len],
-                     sampling["seed"] + 1000 * s.prompt_index + 100 * s.meta["sample_index"]) for s in first]
+            jobs = [(s.token_ids[: s.prompt_len], rollout_seed(sampling["seed"], s.prompt_index, s.meta["sample_index"], 0))
+                    for s in first]
             for r in range(args.repeats):
                 # alternate which side goes first: a shared machine drifts
                 if r % 2:

@@ -19,10 +19,11 @@ from rollout.helpers import children_of, faulty_env, scripted_engine, serve_in_t
 from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import (ContiguityError, Env, EnvFleet, Sample, TokenTracker, collect_batch_sync,
                             load_config, read_jsonl, select, write_jsonl)
-from sglgym.rollout.config import EnvConfig
+from sglgym.rollout.config import AgentConfig, EnvConfig
 from sglgym.rollout.envs.calculator import CalculatorEnv
 from sglgym.rollout.envs.guess import GuessEnv
 from sglgym.rollout.responses import to_chat_messages, to_chat_tools
+from sglgym.rollout.seeds import rollout_seed, unpack_rollout_seed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = DEFAULT_CONFIG
@@ -199,16 +200,17 @@ def test_dynamic_sampling_filters_equal_reward_groups(fleet, tmp_path):
     def script(msgs, body):
         # the sampling seed encodes prompt and sample index: even prompts are always solved (all rewards
         # equal: filtered), odd prompts only by their first sample (kept)
-        prompt, sample = body["seed"] // 1000, body["seed"] // 100 % 10
+        prompt, sample, _ = unpack_rollout_seed(body["seed"], 0)
         return ("3" if prompt % 2 == 0 or sample == 0 else "50"), None, "stop"
 
     rows = Env(fleet["guess"].config, "").dataset(12)
-    for r in rows:
-        r["target"] = 3
+    for i, r in enumerate(rows):
+        r["target"], r["row_id"] = 3, i
+    requeued: list[dict] = []
     with serve_in_thread(scripted_engine(script)) as engine_url:
         samples, m = collect_batch_sync(fleet, engine_url, rows, group_size=4, batch_groups=2,
                                         sampling={"seed": 0, "max_tokens": 8}, dynamic_sampling=True,
-                                        progress=False, jsonl_path=tmp_path / "log.jsonl")
+                                        progress=False, jsonl_path=tmp_path / "log.jsonl", requeue=requeued.extend)
     assert m["groups"] == 2 and m["batch_full"]
     by_group = {}
     for s in samples:
@@ -217,6 +219,23 @@ def test_dynamic_sampling_filters_equal_reward_groups(fleet, tmp_path):
     assert m["groups_filtered"] >= 1
     logged = read_jsonl(tmp_path / "log.jsonl")
     assert len(logged) >= m["rollouts_finished"] - 1 and len(logged) >= len(samples)
+    # Every candidate row is accounted for exactly once: trained, filtered for zero signal, or requeued
+    # (rows cut short or never launched come back, in order, instead of being lost).
+    trained = {s.prompt_index for s in samples}
+    requeued_ids = [r["row_id"] for r in requeued]
+    assert requeued_ids == sorted(requeued_ids) and m["rows_requeued"] == len(requeued)
+    filtered = set(range(len(rows))) - trained - set(requeued_ids)
+    assert len(filtered) == m["groups_filtered"] and all(i % 2 == 0 for i in filtered)
+    assert not trained & set(requeued_ids) and all(i % 2 == 1 for i in trained)
+    assert len(requeued) >= len(rows) - 6      # three groups at a time: the batch fills long before row 6
+
+
+def test_rollout_seeds_never_collide():
+    seeds = {rollout_seed(1234, p, s, t) for p in range(64) for s in range(32) for t in range(6)}
+    assert len(seeds) == 64 * 32 * 6 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert unpack_rollout_seed(rollout_seed(2 ** 63 - 5, 17, 11, 3), 2 ** 63 - 5) == (17, 11, 3)
+    with pytest.raises(ValueError, match="sample_index"):
+        rollout_seed(0, 0, 1 << 16, 0)
 
 
 def test_contiguity_violation_is_a_reported_failure(fleet):
@@ -245,6 +264,24 @@ def test_malformed_env_reply_is_a_clear_error(mode, needle):
     assert not samples and m["rollouts_failed"] == 2 and not m["batch_full"]
     assert all(needle in f["error"] for f in m["failures"]), m["failures"]
     assert {f["stage"] for f in m["failures"]} <= {"env_protocol", "verify"}
+
+
+def test_tool_5xx_fails_the_rollout_but_4xx_is_the_tool_output():
+    def script(msgs, body):
+        if any(m["role"] == "tool" for m in msgs):
+            return "done", None, "stop"
+        a = json.loads(msgs[0]["content"])["a"]
+        return None, [tool_call("add", {"a": a, "b": 1})], "tool_calls"
+
+    with serve_in_thread(scripted_engine(script)) as engine_url, serve_in_thread(faulty_env("ok")) as env_url:
+        env = Env(EnvConfig(name="faulty", url=env_url, agent=AgentConfig(max_turns=3)), env_url)
+        rows = [{"responses_create_params": {"input": json.dumps({"a": a})}} for a in (2, "x", -1)]
+        samples, m = collect_batch_sync({"faulty": env}, engine_url, rows, group_size=1, batch_groups=3,
+                                        progress=False, retries=1)
+    assert sorted(s.prompt_index for s in samples) == [0, 1]          # 422: the text goes back to the model
+    assert m["rollouts_failed"] == 1 and m["failures"][0]["prompt_index"] == 2
+    assert m["failures"][0]["stage"] == "tool" and "HTTP 500" in m["failures"][0]["error"]
+    assert m["per_env"]["faulty"]["rollouts_failed"] == 1 and m["per_env"]["faulty"]["rollouts_finished"] == 2
 
 
 def test_env_timeout_does_not_hang():

@@ -22,6 +22,7 @@ from .errors import EnvProtocolError, RolloutError
 from .responses import (assistant_items, build_response, sampling_from_params, to_chat_messages, to_chat_tools,
                         tool_output_item, user_item)
 from .samples import Sample
+from .seeds import rollout_seed
 from .spinup import Env
 from .tokens import ContiguityError, TokenTracker
 from .transport import Reply, TransportError, post_json
@@ -72,8 +73,8 @@ async def _env_call(client: httpx.AsyncClient, env: Env, path: str, body: dict, 
 
 
 async def _call_tool(client: httpx.AsyncClient, env: Env, call: dict, cookies: dict, retries: int) -> str:
-    """The tool's output as text. Model mistakes (bad JSON, unknown tool) become the output, as NeMo Gym's
-    agents do; only an unreachable server fails the rollout."""
+    """The tool's output as text. Model mistakes (bad JSON, unknown tool, a 4xx) become the output, as NeMo
+    Gym's agents do; an unreachable server or a 5xx after the retries fails the rollout (stage `tool`)."""
     fn = call.get("function") or {}
     name, raw_args = fn.get("name") or "", fn.get("arguments") or "{}"
     if not _TOOL_NAME.match(name):
@@ -91,6 +92,9 @@ async def _call_tool(client: httpx.AsyncClient, env: Env, call: dict, cookies: d
     except TransportError as e:
         raise RolloutError("tool", f"env {env.name!r}: {e}", url) from None
     cookies.update(reply.cookies)
+    if reply.status >= 500:   # the server broke (after the retries): not something the model did
+        raise RolloutError("tool", f"env {env.name!r} tool {name!r} answered HTTP {reply.status}: {reply.text[:500]}",
+                           url)
     return reply.text
 
 
@@ -134,8 +138,8 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
         body = {"model": pool.model, "messages": messages, **sampling}
         if tools:
             body["tools"] = tools
-        if "seed" in body and body["seed"] is not None:  # distinct but reproducible per sample and turn
-            body["seed"] = int(body["seed"]) + 1000 * job.prompt_index + 100 * job.sample_index + turn
+        if body.get("seed") is not None:  # distinct but reproducible per sample and turn
+            body["seed"] = rollout_seed(body["seed"], job.prompt_index, job.sample_index, turn)
         try:
             reply = await post_json(engine_client, chat_url, body, timeout_s=opts.engine_timeout_s,
                                     retries=opts.retries, headers=pool.headers())
@@ -233,7 +237,8 @@ async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opt
     incomplete = (result.get("response") or {}).get("incomplete_details")
     return tracker.to_sample(
         reward=float(result["reward"]), group_id=job.group_id, prompt_index=job.prompt_index,
-        truncated=bool(incomplete), env=env.name, engine_url=env.engine_url or "",
+        # with several replicas NeMo Gym's model server picks one per rollout and does not say which
+        truncated=bool(incomplete), env=env.name, engine_url=env.engine_urls[0] if len(env.engine_urls) == 1 else "",
         meta={"sample_index": job.sample_index, "stop_reason": "max_tokens" if incomplete else "done",
               "elapsed_s": round(time.monotonic() - t0, 4), "agent_url": env.url,
               "tool_calls": sum(1 for o in output if o.get("type") == "function_call")},

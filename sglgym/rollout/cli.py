@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .collector import collect_batch_sync
 from .config import load_config, select
+from .engines import EnginePool
 from .samples import write_jsonl
 from .spinup import EnvFleet, free_port, start_process, stop_process, wait_healthy
 
@@ -103,16 +104,19 @@ def main(argv: list[str] | None = None) -> None:
         else:
             engine_server, url, key = start_engine(args.serve_args, args.engine_start_timeout)
             urls = [url]
-        with EnvFleet(configs, engine_url=urls[0], api_key=key) as fleet:
+        pool = EnginePool.from_router(urls[0], api_key=key, model=args.model) if args.router \
+            else EnginePool(urls, api_key=key, model=args.model)
+        # NeMo Gym envs call the replicas themselves (never through the router: it drops the carried ids)
+        with EnvFleet(configs, engine_urls=pool.urls, api_key=key) as fleet:
             rows = _interleave([env.dataset(n_rows, args.data_seed, args.split) for env in fleet])
             sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
             if args.seed is not None:
                 sampling["seed"] = args.seed
             log = args.log or str(Path(args.out).with_suffix("")) + ".rollouts.jsonl"
             samples, metrics = collect_batch_sync(
-                fleet, urls, rows, group_size=args.group_size, batch_groups=args.batch_groups,
+                fleet, pool, rows, group_size=args.group_size, batch_groups=args.batch_groups,
                 sampling=sampling, concurrency=args.concurrency, dynamic_sampling=args.dynamic_sampling,
-                oversample=args.oversample, api_key=key, router=args.router, model=args.model,
+                oversample=args.oversample, api_key=key,
                 engine_timeout_s=args.engine_timeout, rollout_timeout_s=args.rollout_timeout,
                 retries=args.retries, jsonl_path=log, progress=not args.no_progress)
     finally:

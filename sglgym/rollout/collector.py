@@ -100,7 +100,8 @@ class Collector:
 
     async def _one(self, job: RolloutJob) -> tuple[Sample | None, dict | None]:
         async with self.limit:
-            url = self.engines.acquire()
+            # NeMo Gym's own model server picks the engine of its rollouts: they take no slot of ours
+            url = None if job.env.config.type == "nemo_gym" else self.engines.acquire()
             t0 = time.monotonic()
             try:
                 sample = await asyncio.wait_for(
@@ -121,7 +122,8 @@ class Collector:
                            "sample_index": job.sample_index, "stage": stage, "error": msg, "engine_url": url,
                            "elapsed_s": round(time.monotonic() - t0, 3)}
             finally:
-                self.engines.release(url)
+                if url is not None:
+                    self.engines.release(url)
         if sample is not None:
             self.finished.append(sample)
             self.sink.write(sample.to_dict())
@@ -207,6 +209,7 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
                         model: str = "default", engine_timeout_s: float = 120.0, rollout_timeout_s: float = 600.0,
                         retries: int = 2, jsonl_path: str | None = None, progress: bool = True,
                         decode: Callable[[list[int]], str] | None = None, group_id_offset: int = 0,
+                        requeue: Callable[[list[dict]], None] | None = None,
                         ) -> tuple[list[Sample], dict]:
     """Collect `batch_groups` complete groups of `group_size` rollouts each.
 
@@ -215,12 +218,16 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
         URL with router=True (its healthy workers are used, each rollout pinned to one), or an EnginePool.
     rows: NeMo Gym rows, consumed in order; with dynamic sampling (drop groups whose rewards are all
         equal) or failures, later rows replace dropped groups until the batch is full or rows run out.
+    requeue: called with the rows that were neither kept, filtered nor failed (never launched, cut short
+        when the batch filled, or finished after it filled), in their order, so the caller can offer them
+        again: without it, dynamic sampling would favour the prompts whose rollouts finish first.
     sampling: temperature, top_p, max_tokens (per turn), optionally seed; a row's
         responses_create_params may override them.
     Returns the samples of the kept groups (group order = completion order) and the batch metrics; the
     metrics' "failures" list reports every failed rollout.
     """
     pool = _pool(engine_urls, api_key, router, model)
+    rows = list(rows)
     opts = LoopOptions(sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 64, **(sampling or {})},
                        engine_timeout_s=engine_timeout_s, retries=retries, decode=decode)
     sink = JsonlSink(jsonl_path)
@@ -230,6 +237,7 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
         bar = tqdm(total=batch_groups * group_size, desc="rollouts", unit="sample", dynamic_ncols=True)
     kept: list[Group] = []
     filtered = failed = 0
+    decided: set[int] = set()    # prompt_index of every group kept, filtered or failed
     t0 = time.monotonic()
 
     def groups_wanted() -> int:
@@ -244,6 +252,7 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
                                              group_id_offset=group_id_offset)
             async with contextlib.aclosing(stream):
                 async for group in stream:
+                    decided.add(group.prompt_index)
                     if not group.ok:
                         failed += 1
                     elif dynamic_sampling and group.all_equal:
@@ -271,6 +280,10 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
                             groups_kept=len(kept), groups_filtered=filtered, groups_failed=failed,
                             groups_cancelled=cancelled, engine_assigned=pool.assigned)
     metrics["batch_full"] = len(kept) >= batch_groups
+    leftover = [row for i, row in enumerate(rows) if i not in decided]
+    metrics["rows_requeued"] = len(leftover) if requeue is not None else 0
+    if requeue is not None and leftover:
+        requeue(leftover)
     metrics["failures"] = list(collector.failures)
     return samples, metrics
 

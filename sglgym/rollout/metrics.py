@@ -53,4 +53,25 @@ def batch_metrics(samples: list[Sample], *, wall_s: float, finished: list[Sample
         "gen_tokens_per_s": gen / wall,
         "tokens_per_s": total / wall,
         "engine_rollouts": dict(engine_assigned),
+        "per_env": per_env_metrics(samples, finished, failures),
     }
+
+
+def per_env_metrics(samples: list[Sample], finished: list[Sample], failures: list[dict]) -> dict[str, dict]:
+    """Reward, truncation and failures of each env of a mixed batch (finished: before the dynamic-sampling
+    filter; kept: the groups trained on)."""
+    names = sorted({s.env for s in finished} | {f["env"] for f in failures} | {s.env for s in samples})
+    out = {}
+    for name in names:
+        done = [s for s in finished if s.env == name]
+        kept = [s for s in samples if s.env == name]
+        out[name] = {
+            "reward_mean": _mean(s.reward for s in done),
+            "reward_mean_kept": _mean(s.reward for s in kept),
+            "samples": len(kept),
+            "rollouts_finished": len(done),
+            "rollouts_failed": sum(1 for f in failures if f["env"] == name),
+            "truncation_rate": _mean(1.0 if s.truncated else 0.0 for s in done),
+            "turns_mean": _mean(s.num_turns for s in done),
+        }
+    return out

@@ -11,7 +11,7 @@ Config (sglgym/rollout/envs.yaml):
       type: nemo_gym
       config_paths: [resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml]
       agent: example_single_tool_call_simple_agent      # server instance whose /run we call
-      engine_url: http://127.0.0.1:30000                # or given to EnvFleet(engine_url=...)
+      engine_url: http://127.0.0.1:30000                # or a list; default: EnvFleet(engine_urls=...)
       set: {...}                                         # extra NeMo Gym config keys (dotted) to merge
       dataset: {jsonl: resources_servers/example_single_tool_call/data/example.jsonl}
 Relative paths resolve against the installed nemo-gym package root.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,15 +37,42 @@ from .spinup import LOG_DIR, Env, ServerProcess, free_port, start_process
 VERSION = "0.4.0"
 VENV_ROOT = Path(os.environ.get("SGLGYM_CACHE", Path.home() / ".cache" / "sglgym")) / "nemo-gym"
 POLICY_CONFIG = "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml"
+INSTALL_TIMEOUT_S = 1800   # measured: ~2.5 min for pip install nemo-gym on this project's 2-core machines
 
 
-def find_python312() -> str | None:
-    """A Python >= 3.12 interpreter: $SGLGYM_PYTHON312, python3.12/3.13 on PATH, or a pyenv install."""
-    candidates = [os.environ.get("SGLGYM_PYTHON312"), shutil.which("python3.12"), shutil.which("python3.13")]
-    candidates += sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]")))
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
+def python_candidates() -> list[str]:
+    """Interpreters that may be Python >= 3.12, best first: $SGLGYM_PYTHON312, pyenv's real installs (not its
+    shims: a shim runs pyenv's *global* version and exits 127 when that is not the one named), then PATH."""
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    installs = glob.glob(str(pyenv_root / "versions/3.*/bin/python3"))
+    installs.sort(key=lambda p: _version_key(Path(p).parent.parent.name))
+    on_path = [shutil.which(n) for n in ("python3.12", "python3.13", "python3.14", "python3")]
+    ordered = [os.environ.get("SGLGYM_PYTHON312")] + installs + on_path
+    return list(dict.fromkeys(c for c in ordered if c))
+
+
+def _version_key(name: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[.\-]", name)[:3])
+
+
+def python_version(exe: str, timeout_s: float = 15.0) -> tuple[int, int] | None:
+    """(major, minor) that `exe` reports when run, or None when it does not run (a broken shim exits 127)."""
+    try:
+        out = subprocess.run([exe, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
+                             text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        major, minor = (int(x) for x in out.stdout.split())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return (major, minor) if out.returncode == 0 else None
+
+
+def find_python312(candidates: list[str] | None = None) -> str | None:
+    """The first candidate that runs and answers with a version >= 3.12 (each one is run: existing and
+    executable is not enough)."""
+    for exe in python_candidates() if candidates is None else candidates:
+        version = python_version(exe)
+        if version is not None and version >= (3, 12):
+            return exe
     return None
 
 
@@ -59,8 +87,9 @@ def ensure_venv(version: str = VERSION, python: str | None = None, log=print) ->
     if venv.exists():
         shutil.rmtree(venv)
     log(f"[nemo-gym] creating {venv} with {python} (first time: several minutes)")
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin/pip"), "install", "-q", f"nemo-gym=={version}", "uv"], check=True)
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", f"nemo-gym=={version}", "uv"], check=True,
+                   timeout=INSTALL_TIMEOUT_S)
     (venv / ".complete").write_text(version)
     return venv
 
@@ -146,9 +175,11 @@ class NemoGymRun:
 def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
     """Start NeMo Gym's servers for `cfg` (see the module doc) and return an Env whose url is the agent's."""
     extra = cfg.extra
-    engine_url = (extra.get("engine_url") or getattr(fleet, "engine_url", None) or "").rstrip("/")
-    if not engine_url:
-        raise ValueError(f"nemo_gym env {cfg.name!r}: needs engine_url (config key or EnvFleet(engine_url=...))")
+    engine_urls = extra.get("engine_url") or fleet.engine_urls
+    engine_urls = [u.rstrip("/").removesuffix("/v1") for u in ([engine_urls] if isinstance(engine_urls, str)
+                                                                else engine_urls)]
+    if not engine_urls:
+        raise ValueError(f"nemo_gym env {cfg.name!r}: needs engine_url (config key or EnvFleet(engine_urls=...))")
     api_key = extra.get("api_key") or getattr(fleet, "api_key", None) or "none"
     venv = ensure_venv(str(extra.get("version", VERSION)))
     root = package_root(venv)
@@ -161,7 +192,9 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
 
     # Fixed ports for every instance, so we know where the agent listens.
     overlay: dict = {
-        "policy_base_url": f"{engine_url}/v1", "policy_api_key": api_key,
+        # several replicas: NeMo Gym's model server pins each rollout (its session) to one of them
+        "policy_base_url": [f"{u}/v1" for u in engine_urls] if len(engine_urls) > 1 else f"{engine_urls[0]}/v1",
+        "policy_api_key": api_key,
         "policy_model_name": extra.get("model_name", "default"),
         "head_server": {"host": "127.0.0.1", "port": free_port()},
         "uv_venv_dir": str(VENV_ROOT / "server-venvs"), "skip_venv_if_present": True,
@@ -200,7 +233,7 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
     run = NemoGymRun(server, agent_url, ports)
     fleet.extra_servers.append(run)
     _wait_ready(run, ports, cfg.startup_timeout_s)
-    return Env(cfg, agent_url, engine_url=engine_url)
+    return Env(cfg, agent_url, engine_urls=engine_urls)
 
 
 def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:

@@ -155,7 +155,7 @@ class Env:
     config: EnvConfig
     url: str
     server: ServerProcess | None = None
-    engine_url: str | None = None   # nemo_gym envs: the engine their model server calls
+    engine_urls: list[str] = field(default_factory=list)   # nemo_gym envs: the engines their model server calls
     _impl: object = field(default=None, repr=False)
 
     @property
@@ -212,9 +212,12 @@ class EnvFleet:
             rows = fleet["guess"].dataset(16)
     """
 
-    def __init__(self, configs: dict[str, EnvConfig], engine_url: str | None = None, api_key: str | None = None):
+    def __init__(self, configs: dict[str, EnvConfig], engine_urls: str | list[str] | None = None,
+                 api_key: str | None = None):
         self.configs = configs
-        self.engine_url, self.api_key = engine_url, api_key   # for nemo_gym envs (their model server)
+        # for nemo_gym envs: the engine replicas their model server spreads rollouts over, and their key
+        self.engine_urls = [engine_urls] if isinstance(engine_urls, str) else list(engine_urls or [])
+        self.api_key = api_key
         self.envs: dict[str, Env] = {}
         self.extra_servers: list = []   # handles of non-uvicorn spin-ups (nemo_gym), stopped with us
 

@@ -79,8 +79,18 @@ def tool_call(name: str, args: dict | str, call_id: str = "call_1") -> dict:
 
 
 def faulty_env(mode: str, delay_s: float = 0.0) -> FastAPI:
-    """An env whose /verify misbehaves: non_json | no_reward | bad_reward | slow | http500."""
+    """An env whose /verify misbehaves: non_json | no_reward | bad_reward | slow | http500; its `add` tool
+    answers 422 (a bad call: the model's mistake) for a non-numeric `a`, and 500 (the server broke) for a < 0."""
     app = FastAPI()
+
+    @app.post("/add")
+    async def add(request: Request):
+        args = json.loads(await request.body())
+        if not isinstance(args.get("a"), (int, float)):
+            return JSONResponse({"error": "a must be a number"}, status_code=422)
+        if args["a"] < 0:
+            return JSONResponse({"detail": "database is down"}, status_code=500)
+        return {"result": args["a"] + args.get("b", 0)}
 
     @app.get("/health")
     async def health():
