@@ -182,6 +182,36 @@ def test_sglgym_train_two_steps_end_to_end(engine, control, restore_engine, tmp_
     assert (out / "config.yaml").exists()
 
 
+def test_sglgym_train_mixes_envs_by_weight(engine, control, restore_engine, tmp_path):
+    """Three envs in one run (single-turn, tools, multi-turn): groups mixed 5:3:2, per-env metrics every
+    step, held-out reward per env."""
+    from sglgym.trainer.cli import main
+
+    out = tmp_path / "mixed"
+    summary = main([
+        "--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(out),
+        "--set", "envs={arithmetic: 0.5, calculator: 0.3, guess: 0.2}",
+        "--set", "env_set=[calculator.agent.max_turns=2, guess.agent.max_turns=2]",
+        "--set", "steps=2", "--set", "sft_steps=2", "--set", "sft_batch=8", "--set", "group_size=2",
+        "--set", "batch_groups=10", "--set", "dynamic_sampling=false", "--set", "eval_rows=2",
+        "--set", "eval_samples=1", "--set", "probe_every=2", "--set", "time_budget_s=null",
+    ])
+    envs = ("arithmetic", "calculator", "guess")
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["rollout_failures"] == 0 and m["samples"] == 20
+        assert [m[f"samples/{e}"] for e in envs] == [10, 6, 4]         # 5:3:2 groups of 2
+        for e in envs:
+            assert 0.0 <= m[f"reward_mean/{e}"] <= 1.0 and 0.0 <= m[f"truncation_rate/{e}"] <= 1.0
+            assert m[f"rollouts_failed/{e}"] == 0
+    assert lines[-1]["probe_ok"]
+    assert summary["sft_envs"] == ["arithmetic", "calculator"]        # guess rows have no reference answer
+    for key in ("reward_before_per_env", "reward_after_per_env"):
+        assert sorted(summary[key]) == sorted(envs) and all(0.0 <= v <= 1.0 for v in summary[key].values())
+    assert (out / "reward.png").stat().st_size > 1000
+
+
 def test_train_config_coerces_types_and_names_bad_keys(tmp_path):
     from sglgym.trainer.config import load_train_config
 

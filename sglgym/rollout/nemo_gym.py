@@ -207,8 +207,8 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
             overlay.setdefault(name, {}).setdefault(kind, {})[impl] = {"host": "127.0.0.1", "port": ports[name]}
     for key, value in (extra.get("set") or {}).items():
         _set_dotted(overlay, key, value)
-    if cfg.dataset.get("jsonl"):
-        cfg.dataset["jsonl"] = resolve(cfg.dataset["jsonl"])
+    for key in [k for k in cfg.dataset if k == "jsonl" or k.endswith("_jsonl")]:
+        cfg.dataset[key] = resolve(cfg.dataset[key])
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     overlay_path = LOG_DIR / f"nemo-gym-{cfg.name}-{os.getpid()}.yaml"
     overlay_path.write_text(yaml.safe_dump(overlay))

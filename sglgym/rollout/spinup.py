@@ -176,13 +176,15 @@ class Env:
         return self._impl
 
     def dataset(self, n: int, seed: int | None = None, split: str = "train") -> list[dict]:
-        """n NeMo Gym rows for this env: from the configured JSONL (cycled) or the seeded generator."""
+        """n NeMo Gym rows for this env: from the configured JSONL (cycled; `<split>_jsonl`, e.g. test_jsonl,
+        when the config names one for this split) or the seeded generator."""
         ds = self.config.dataset
         seed = ds.get("seed", 0) if seed is None else seed
-        if ds.get("jsonl"):
-            rows = [json.loads(line) for line in Path(ds["jsonl"]).read_text().splitlines() if line.strip()]
+        jsonl = ds.get(f"{split}_jsonl") or ds.get("jsonl")
+        if jsonl:
+            rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
             if not rows:
-                raise ValueError(f"{ds['jsonl']}: no rows")
+                raise ValueError(f"{jsonl}: no rows")
             out = [dict(rows[i % len(rows)]) for i in range(n)]
         elif self.impl is not None:
             out = self.impl.dataset(n, seed=seed, split=split)

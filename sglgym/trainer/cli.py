@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     model_path = cfg.model_path or str(build_tiny_model())
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "config.yaml").write_text(dump(cfg))
-    env_configs = select(load_config(cfg.env_config, cfg.env_set), [cfg.env])
+    try:
+        env_configs = select(load_config(cfg.env_config, cfg.env_set), list(cfg.env_weights()))
+    except (KeyError, ValueError) as e:
+        print(f"sglgym train: bad env selection: {e}", file=sys.stderr)
+        sys.exit(2)
 
     engine_server = None
     try:
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         policy = HFPolicy(model_path, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
                           seed=cfg.seed)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        with EnvFleet(env_configs) as fleet:
+        # NeMo Gym envs run their own model server against the engine: it needs the URL and key
+        with EnvFleet(env_configs, engine_urls=[engine.base_url], api_key=engine.api_key) as fleet:
             trainer = GRPOTrainer(cfg, policy, engine, fleet, tokenizer)
             summary = trainer.run()
     finally:
@@ -82,5 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     png = plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "reward.png", summary)
     print(f"\n[train] held-out reward: before {summary['reward_before']:.3f} -> after {summary['reward_after']:.3f} "
           f"({summary['reward_gain']:+.3f}) in {summary['grpo_steps']} GRPO steps, {summary['total_s']:.0f}s total")
+    if len(summary["reward_after_per_env"]) > 1:
+        for env, after in summary["reward_after_per_env"].items():
+            print(f"[train]   {env}: {summary['reward_before_per_env'][env]:.3f} -> {after:.3f}")
     print(f"[train] wrote {cfg.out_dir}/metrics.jsonl, summary.json, {png.name}")
     return summary

@@ -19,7 +19,8 @@ class TrainConfig:
     engine_api_key: str | None = None
     serve_args: str = ""                 # extra `sglgym serve` arguments when starting the engine
     # environment and rollouts
-    env: str = "arithmetic"
+    env: str = "arithmetic"              # the environment (a name in the env config) ...
+    envs: dict = field(default_factory=dict)   # ... or several mixed by weight: {arithmetic: 0.5, guess: 0.5}
     env_config: str | None = None        # YAML of environments; None: the built-in sglgym/rollout/envs.yaml
     env_set: list[str] = field(default_factory=list)   # overrides for the env config ("arithmetic.params.difficulty=2")
     group_size: int = 8
@@ -53,6 +54,13 @@ class TrainConfig:
     # output
     out_dir: str = "runs/latest"
     seed: int = 0
+
+    def env_weights(self) -> dict[str, float]:
+        """name -> share of the rows: `envs` when given (normalised), else `env` alone."""
+        if not self.envs:
+            return {self.env: 1.0}
+        total = sum(self.envs.values())
+        return {name: w / total for name, w in self.envs.items()}
 
     def loss_config(self) -> GRPOLossConfig:
         return GRPOLossConfig(temperature=self.temperature, **self.loss)
@@ -122,6 +130,10 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
     for name in ("steps", "sft_steps", "probe_every", "eval_rows"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    for name, weight in cfg.envs.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"envs.{name}: the weight must be a number > 0, got {weight!r}")
+    cfg.envs = {str(name): float(w) for name, w in cfg.envs.items()}
     cfg.loss_config()  # validate the loss variant now, not at step 1
     if cfg.refit not in ("tensor", "disk", "distributed"):
         raise ValueError(f"refit must be tensor, disk or distributed; got {cfg.refit!r}")

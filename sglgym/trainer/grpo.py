@@ -15,13 +15,24 @@ import torch
 
 from sglgym.kernels import group_advantages
 from sglgym.rollout.collector import collect_batch_sync
-from sglgym.rollout.responses import to_chat_messages, to_chat_tools
-from sglgym.rollout.samples import Sample
 
 from .batches import make_micro_batches
 from .config import TrainConfig
 from .policy import HFPolicy
 from .refit import DistributedRefit, EngineControl, probe, refit_from_disk, refit_from_tensor
+from .rows import RowSource
+from .warmup import has_reference_answers, prompt_ids, reference_samples
+
+# per-env rollout metrics logged every step, as `<name>/<env>`
+PER_ENV_KEYS = ("reward_mean", "reward_mean_kept", "samples", "truncation_rate", "rollouts_failed")
+
+
+def _rollout_metrics(rmetrics: dict) -> dict:
+    out = {"groups_filtered": rmetrics.get("groups_filtered", 0), "rollout_failures": len(rmetrics.get("failures", [])),
+           "rows_requeued": rmetrics.get("rows_requeued", 0), "truncation_rate": rmetrics.get("truncation_rate", 0.0)}
+    for env, m in rmetrics.get("per_env", {}).items():
+        out.update({f"{key}/{env}": m[key] for key in PER_ENV_KEYS})
+    return out
 
 
 def machine_info(device: str) -> dict:
@@ -45,36 +56,27 @@ def machine_info(device: str) -> dict:
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, policy: HFPolicy, engine: EngineControl, fleet, tokenizer):
         self.cfg, self.policy, self.engine, self.fleet, self.tokenizer = cfg, policy, engine, fleet, tokenizer
-        self.env = fleet[cfg.env]
+        self.weights = cfg.env_weights()
+        self.envs = {name: fleet[name] for name in self.weights}
+        self.rows = RowSource(self.envs, self.weights, seed=cfg.seed)
         self.loss_cfg = cfg.loss_config()
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.metrics_path.write_text("")
         self._dist: DistributedRefit | None = None
-        self._rows = iter(())
-        self._row_seed = cfg.seed
         self.version = 0
 
     # --- data -----------------------------------------------------------------------------------
-    def next_rows(self, n: int) -> list[dict]:
-        rows = []
-        while len(rows) < n:
-            try:
-                rows.append(next(self._rows))
-            except StopIteration:
-                self._rows = iter(self.env.dataset(4096, seed=self._row_seed, split="train"))
-                self._row_seed += 1
-        return rows
-
     def _sampling(self) -> dict:
         return {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
 
-    def collect(self, rows: list[dict], group_size: int, groups: int, dynamic: bool, offset: int = 0):
+    def collect(self, rows: list[dict], group_size: int, groups: int, dynamic: bool, offset: int = 0,
+                requeue=None):
         return collect_batch_sync(
             self.fleet, self.engine.base_url, rows, group_size=group_size, batch_groups=groups,
             sampling=self._sampling(), concurrency=self.cfg.concurrency, dynamic_sampling=dynamic,
-            api_key=self.engine.api_key, progress=False, group_id_offset=offset,
+            api_key=self.engine.api_key, progress=False, group_id_offset=offset, requeue=requeue,
         )
 
     # --- refit ----------------------------------------------------------------------------------
@@ -99,45 +101,22 @@ class GRPOTrainer:
                   "sampling from the weights being trained", flush=True)
         return {"probe_max_abs_diff": result.max_abs_diff, "probe_ok": result.ok}
 
-    # --- warm-up --------------------------------------------------------------------------------
-    def prompt_ids(self, row: dict) -> list[int]:
-        params = row["responses_create_params"]
-        text = self.tokenizer.apply_chat_template(
-            to_chat_messages(params["input"]), tools=to_chat_tools(params.get("tools")),
-            add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def reference_samples(self, rows: list[dict]) -> list[Sample]:
-        """Prompt + the row's reference answer + EOS, loss on the answer.
-
-        The prompt is rendered with the served model's own tokenizer and chat template, which give the
-        same ids as the engine's /tokenize (tests/test_engine_route.py checks that).
-        """
-        samples = []
-        eos = self.tokenizer.eos_token_id
-        for i, row in enumerate(rows):
-            prompt = self.prompt_ids(row)
-            answer = self.tokenizer.encode(str(row["expected_answer"]), add_special_tokens=False) + [eos]
-            ids = prompt + answer
-            samples.append(Sample(token_ids=ids, loss_mask=[0] * len(prompt) + [1] * len(answer),
-                                  gen_logprobs=[0.0] * len(ids), turn_spans=[(len(prompt), len(ids))], reward=1.0,
-                                  group_id=i, prompt_index=i, truncated=False, num_turns=1, env=self.env.name,
-                                  engine_url=""))
-        return samples
-
+    # --- warm-up and evaluation -----------------------------------------------------------------
     def sft_warmup(self) -> dict:
         cfg = self.cfg
         if cfg.sft_steps <= 0:
             return {}
-        probe_row = self.env.dataset(1, seed=cfg.seed, split="train")[0]
-        if "expected_answer" not in probe_row:
-            print(f"[train] env {self.env.name} rows have no expected_answer: skipping the warm-up", flush=True)
+        weights = {n: w for n, w in self.weights.items() if has_reference_answers(self.envs[n])}
+        skipped = sorted(set(self.weights) - set(weights))
+        if skipped:
+            print(f"[train] env(s) {skipped}: rows have no expected_answer, not in the warm-up", flush=True)
+        if not weights:
             return {}
         t0 = time.perf_counter()
         for group in self.policy.optimizer.param_groups:
             group["lr"] = cfg.sft_lr
-        rows = self.env.dataset(cfg.sft_steps * cfg.sft_batch, seed=10_000 + cfg.seed, split="train")
-        samples = self.reference_samples(rows)
+        rows = RowSource(self.envs, weights, seed=10_000 + cfg.seed).take(cfg.sft_steps * cfg.sft_batch)
+        samples = reference_samples(self.tokenizer, rows)
         loss = 0.0
         for step in range(cfg.sft_steps):
             batch = samples[step * cfg.sft_batch:(step + 1) * cfg.sft_batch]
@@ -147,19 +126,29 @@ class GRPOTrainer:
         # Fresh optimizer state for RL: the warm-up's Adam moments are for another objective.
         self.policy.optimizer.state.clear()
         self.refit()
-        out = {"sft_steps": cfg.sft_steps, "sft_final_loss": loss, "sft_s": time.perf_counter() - t0}
-        print(f"[train] warm-up: {cfg.sft_steps} supervised steps, final loss {loss:.3f} "
+        out = {"sft_steps": cfg.sft_steps, "sft_final_loss": loss, "sft_s": time.perf_counter() - t0,
+               "sft_envs": sorted(weights)}
+        print(f"[train] warm-up: {cfg.sft_steps} supervised steps on {sorted(weights)}, final loss {loss:.3f} "
               f"({out['sft_s']:.1f}s)", flush=True)
         return out
 
-    def evaluate(self, tag: str) -> float:
-        rows = self.env.dataset(self.cfg.eval_rows, seed=self.cfg.seed, split="test")
-        samples, _ = self.collect(rows, group_size=self.cfg.eval_samples, groups=len(rows), dynamic=False,
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Mean reward on `eval_rows` held-out rows (split "test") of every env, sampled `eval_samples` times:
+        {"all": over every sample, env: over that env's}."""
+        rows = [row for env in self.envs.values()
+                for row in env.dataset(self.cfg.eval_rows, seed=self.cfg.seed, split="test")]
+        samples, m = self.collect(rows, group_size=self.cfg.eval_samples, groups=len(rows), dynamic=False,
                                   offset=1_000_000)
-        reward = sum(s.reward for s in samples) / max(len(samples), 1)
-        print(f"[train] eval ({tag}): mean reward {reward:.3f} over {len(samples)} samples of {len(rows)} "
-              "held-out prompts", flush=True)
-        return reward
+        rewards = {"all": sum(s.reward for s in samples) / max(len(samples), 1)}
+        for name in self.envs:
+            mine = [s.reward for s in samples if s.env == name]
+            rewards[name] = sum(mine) / max(len(mine), 1)
+        detail = [f"{n} {rewards[n]:.3f}" for n in self.envs] if len(self.envs) > 1 else []
+        if m["rollouts_failed"]:
+            detail.append(f"{m['rollouts_failed']} rollouts failed")
+        print(f"[train] eval ({tag}): mean reward {rewards['all']:.3f} over {len(samples)} samples of {len(rows)} "
+              f"held-out prompts" + (f" ({', '.join(detail)})" if detail else ""), flush=True)
+        return rewards
 
     # --- one GRPO step --------------------------------------------------------------------------
     def step_kl(self, mbs) -> float:
@@ -178,13 +167,13 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        rows = self.next_rows(int(cfg.batch_groups * (2 if cfg.dynamic_sampling else 1)))
+        rows = self.rows.take(int(cfg.batch_groups * (2 if cfg.dynamic_sampling else 1)))
         samples, rmetrics = self.collect(rows, cfg.group_size, cfg.batch_groups, cfg.dynamic_sampling,
-                                         offset=step * 100_000)
+                                         offset=step * 100_000, requeue=self.rows.requeue)
         t_gen = time.perf_counter() - t0
         if not samples:
             return {"step": step, "skipped": "no group with reward signal", "gen_s": t_gen,
-                    "reward_mean": rmetrics.get("reward_mean_finished")}
+                    "reward_mean": rmetrics.get("reward_mean_finished"), **_rollout_metrics(rmetrics)}
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         group_ids = torch.tensor([s.group_id for s in samples])
         adv = group_advantages(rewards, group_ids, baseline=cfg.advantage_baseline,
@@ -215,8 +204,7 @@ class GRPOTrainer:
             "adv_abs_max": float(adv.abs().max()),
             **{k: v for k, v in train.items()},
             "samples": len(samples), "gen_tokens": sum(s.num_generated for s in samples),
-            "groups_filtered": rmetrics.get("groups_filtered", 0), "rollout_failures": len(rmetrics.get("failures", [])),
-            "gen_s": t_gen, "train_s": t_train, "refit_s": t_refit,
+            **_rollout_metrics(rmetrics), "gen_s": t_gen, "train_s": t_train, "refit_s": t_refit,
         }
         out["tokens_per_s"] = out["gen_tokens"] / max(t_gen, 1e-9)
         out["step_s"] = time.perf_counter() - t0
@@ -239,10 +227,11 @@ class GRPOTrainer:
         if self.loss_cfg.kl_type is not None:  # KL to the policy GRPO starts from (after the warm-up)
             self.policy.freeze_reference()
         summary["probe_before_grpo"] = self.check_agreement(
-            [self.prompt_ids(row) for row in self.env.dataset(4, seed=7)])
-        summary["reward_before"] = self.evaluate("before GRPO")
+            [prompt_ids(self.tokenizer, row) for env in self.envs.values() for row in env.dataset(2, seed=7)])
+        before = self.evaluate("before GRPO")
         t_grpo = time.perf_counter()
         bar = tqdm(range(1, cfg.steps + 1), desc="grpo", unit="step", dynamic_ncols=True)
+        step = 0
         for step in bar:
             m = self.step(step)
             self.log(m)
@@ -253,7 +242,9 @@ class GRPOTrainer:
                 break
         bar.close()
         summary["grpo_steps"] = step
-        summary["reward_after"] = self.evaluate("after GRPO")
+        after = self.evaluate("after GRPO")
+        summary.update(reward_before=before.pop("all"), reward_after=after.pop("all"),
+                       reward_before_per_env=before, reward_after_per_env=after)
         summary["reward_gain"] = summary["reward_after"] - summary["reward_before"]
         summary["total_s"] = time.perf_counter() - t_start
         if self._dist is not None:

@@ -16,6 +16,11 @@ def plot_metrics(metrics_path: Path, png_path: Path, summary: dict | None = None
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(steps, [r["reward_mean"] for r in rows], marker=".", label="rollout reward (train prompts, before filtering)")
+    envs = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("reward_mean/")})
+    if len(envs) > 1:   # a mixed run: one line per env as well
+        for env in envs:
+            pts = [(r["step"], r[f"reward_mean/{env}"]) for r in rows if f"reward_mean/{env}" in r]
+            ax1.plot([s for s, _ in pts], [v for _, v in pts], lw=1, alpha=0.8, label=f"  {env}")
     if summary:
         last = steps[-1] if steps else 1
         ax1.axhline(summary["reward_before"], color="gray", ls="--", label=f"held-out before {summary['reward_before']:.2f}")
