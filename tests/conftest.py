@@ -90,7 +90,7 @@ def stop_engine(engine: Engine) -> None:
 
 @pytest.fixture(scope="session")
 def engine():
-    eng = start_engine("engine")
+    eng = start_engine("engine", ["--enable-metrics"])   # /metrics: tests count the requests it served
     yield eng
     stop_engine(eng)
 
@@ -105,3 +105,27 @@ def tiny_model_path() -> str:
 def tokenizer(tiny_model_path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture
+def control(engine):
+    from sglgym.trainer.refit import EngineControl
+
+    c = EngineControl(engine.base_url, engine.api_key)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def restore_engine(control, tiny_model_path):
+    """Give the shared engine its original weights back, and check it really has them."""
+    from sglgym.trainer.policy import HFPolicy
+    from sglgym.trainer.refit import probe, refit_from_tensor
+
+    base = HFPolicy(tiny_model_path)
+    version = control.weight_version()
+    yield base
+    refit_from_tensor(control, base.named_tensors(), version=version or "base")
+    seqs = [[1, 5, 9, 13, 17, 21]]
+    restored = probe(control, lambda s: base.score(s), seqs)
+    assert restored.ok, restored

@@ -3,11 +3,13 @@ server, agent and vllm_model server, pointed at our engine; rollouts collected t
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from rollout.helpers import wait_dead
+from conftest import start_engine, stop_engine
+from rollout.helpers import requests_served, wait_dead
 from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, select
 from sglgym.rollout.nemo_gym import _descendants, ensure_venv, find_python312
@@ -26,14 +28,15 @@ def nemo_gym_venv():
     return ensure_venv()    # pip install nemo-gym==0.4.0 uv into a 3.12 venv, once
 
 
-def _run(engine, name: str, rows_n: int, group_size: int, batch_groups: int):
-    fleet = EnvFleet(select(load_config(CONFIG), [name]), engine_urls=engine.base_url, api_key=engine.api_key)
+def _run(engine, name: str, rows_n: int, group_size: int, batch_groups: int, engine_urls=None):
+    urls = engine_urls or [engine.base_url]
+    fleet = EnvFleet(select(load_config(CONFIG), [name]), engine_urls=urls, api_key=engine.api_key)
     with fleet:
         tree = set()
         for run in fleet.extra_servers:
             tree |= _descendants(run.server.pid) | {run.server.pid}
         rows = fleet[name].dataset(rows_n)
-        samples, m = collect_batch_sync(fleet, [engine.base_url], rows, group_size=group_size,
+        samples, m = collect_batch_sync(fleet, urls, rows, group_size=group_size,
                                         batch_groups=batch_groups, sampling={"max_tokens": 12}, progress=False)
     assert tree and wait_dead(tree, 60) == [], "NeMo Gym processes left behind"
     return rows, samples, m
@@ -58,3 +61,42 @@ def test_nemo_gym_multi_turn_is_contiguous(nemo_gym_venv, engine, tokenizer):
         assert s.num_turns == len(follow_ups) + 1           # one model call per user message
         text = tokenizer.decode(s.token_ids)
         assert all(f in text for f in follow_ups)
+
+
+def test_nemo_gym_rollouts_spread_over_every_replica(nemo_gym_venv, engine):
+    """Two engines: NeMo Gym's model server gets both URLs and pins each rollout (its session) to one;
+    between them they served exactly the rollouts' model calls, and our pool lent no slot to them."""
+    extra = start_engine("nemo-replica", ["--enable-metrics"])
+    try:
+        replicas = [engine, extra]
+        before = [requests_served(e) for e in replicas]
+        rows, samples, m = _run(engine, "nemo_gym_multi_turn", 4, 2, 4, engine_urls=[e.base_url for e in replicas])
+        served = [requests_served(e) - b for e, b in zip(replicas, before)]
+    finally:
+        stop_engine(extra)
+    assert m["rollouts_failed"] == 0, m["failures"][:2]
+    assert len(samples) == 8 and all(s.engine_url == "" for s in samples)   # Gym picks; it does not say which
+    assert all(n > 0 for n in served), served
+    assert sum(served) == sum(s.num_turns for s in samples)
+    assert sum(m["engine_rollouts"].values()) == 0          # no slot of ours held by a NeMo Gym rollout
+
+
+def test_sglgym_train_on_nemo_gym_env(nemo_gym_venv, engine, control, restore_engine, tmp_path):
+    """`sglgym train --set env=nemo_gym_multi_turn`: rows from NeMo Gym's JSONL, rollouts through its agent,
+    model server and resources server, the ids its model server carried, trained and refit."""
+    from sglgym.trainer.cli import main
+
+    out = tmp_path / "nemo"
+    summary = main([
+        "--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(out),
+        "--set", "env=nemo_gym_multi_turn", "--set", "steps=2", "--set", "sft_steps=0", "--set", "group_size=2",
+        "--set", "batch_groups=2", "--set", "dynamic_sampling=false", "--set", "eval_rows=2",
+        "--set", "eval_samples=1", "--set", "probe_every=1", "--set", "time_budget_s=null", "--set", "max_tokens=12",
+    ])
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["rollout_failures"] == 0 and m["samples/nemo_gym_multi_turn"] == 4   # contiguity checked per turn
+        assert m["probe_ok"] and m["token_mult_prob_error"] <= 1.05
+    assert control.weight_version() == "step-2"
+    assert 0.0 <= summary["reward_after"] <= 1.0

@@ -3,7 +3,6 @@ turn of a rollout stays on one engine."""
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from conftest import start_engine, stop_engine
+from rollout.helpers import requests_served
 from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, select
 from sglgym.rollout.engines import start_router
@@ -49,11 +49,6 @@ def two_engines():
 def guess_fleet():
     with EnvFleet(select(load_config(CONFIG, ["guess.agent.max_turns=3"]), ["guess"])) as f:
         yield f
-
-
-def requests_served(engine) -> float:
-    text = httpx.get(engine.base_url + "/metrics", headers=engine.headers, timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(r"^sglang:num_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
 
 
 def test_url_list_pins_every_turn_to_one_engine(two_engines, guess_fleet):

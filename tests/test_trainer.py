@@ -57,25 +57,6 @@ def _micro_batches(samples: list[Sample], max_tokens: int = 64):
     return make_micro_batches(samples, adv.tolist(), max_tokens)
 
 
-@pytest.fixture
-def control(engine):
-    c = EngineControl(engine.base_url, engine.api_key)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def restore_engine(control, tiny_model_path):
-    """Give the shared engine its original weights back, and check it really has them."""
-    base = HFPolicy(tiny_model_path)
-    version = control.weight_version()
-    yield base
-    refit_from_tensor(control, base.named_tensors(), version=version or "base")
-    seqs = [[1, 5, 9, 13, 17, 21]]
-    restored = probe(control, lambda s: base.score(s), seqs)
-    assert restored.ok, restored
-
-
 def _refit(path: str, control: EngineControl, policy: HFPolicy, version: str, tmp_path) -> None:
     if path == "disk":
         refit_from_disk(control, policy.model, version, tmp_path / "weights")

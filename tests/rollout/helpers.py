@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -153,3 +154,8 @@ def wait_dead(pids, timeout_s: float = 15.0) -> list[int]:
 
 def get(url: str) -> httpx.Response:
     return httpx.get(url, timeout=5)
+
+
+def requests_served(engine) -> float:
+    text = httpx.get(engine.base_url + "/metrics", headers=engine.headers, timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(r"^sglang:num_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
