@@ -29,7 +29,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, summary: dict | None = None
     ax1.set_xlabel("GRPO step")
     ax1.set_ylabel("mean reward")
     ax1.set_ylim(-0.02, 1.02)
-    ax1.legend(loc="lower right", fontsize=8)
+    ax1.legend(loc="best", fontsize=7)
     ax1.set_title("reward")
     mism = [(r["step"], r["token_mult_prob_error"]) for r in rows if "token_mult_prob_error" in r]
     if mism:
