@@ -260,10 +260,11 @@ def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:
 def row_for_run(row: dict, sampling: dict) -> dict:
     """The row sent to the agent's /run, with the batch's sampling parameters in Responses API terms."""
     params = dict(row["responses_create_params"])
-    params.setdefault("temperature", sampling.get("temperature"))
-    params.setdefault("top_p", sampling.get("top_p"))
-    if sampling.get("max_tokens") is not None:
-        params.setdefault("max_output_tokens", sampling["max_tokens"])
+    # a row's explicit null must not drop the batch's value (setdefault would keep the null)
+    for key, value in (("temperature", sampling.get("temperature")), ("top_p", sampling.get("top_p")),
+                       ("max_output_tokens", sampling.get("max_tokens"))):
+        if params.get(key) is None:
+            params[key] = value
     params = {k: v for k, v in params.items() if v is not None}
     return {**{k: v for k, v in row.items() if k != "agent_ref"}, "responses_create_params": params}
 
