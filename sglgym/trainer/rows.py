@@ -25,7 +25,6 @@ class RowSource:
         self._rows: dict[str, Iterator[dict]] = {name: iter(()) for name in weights}
         self._seed = {name: seed for name in weights}
         self._requeued: deque[dict] = deque()
-        self.fresh_taken = {name: 0 for name in weights}
 
     def _next_env(self) -> str:
         for name, weight in self.weights.items():
@@ -37,9 +36,7 @@ class RowSource:
     def _fresh_row(self, name: str) -> dict:
         while True:
             try:
-                row = next(self._rows[name])
-                self.fresh_taken[name] += 1
-                return row
+                return next(self._rows[name])
             except StopIteration:  # the next seeded chunk of this env's rows
                 self._rows[name] = iter(self.envs[name].dataset(self.chunk, seed=self._seed[name], split=self.split))
                 self._seed[name] += 1
