@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.engine_url:
         url, key = args.engine_url.rstrip("/"), args.api_key
     else:
-        from sglgym.rollout.cli import start_engine
+        from sglgym.rollout.engines import start_engine
         server, url, key = start_engine(args.serve_args, 600)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:

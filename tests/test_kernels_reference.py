@@ -214,5 +214,9 @@ def test_trl_mapping():
         "grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
     }
     assert GRPOLossConfig.from_trl("dr_grpo", norm_constant=256).loss_agg == "seq-mean-token-sum-norm"
+    # TRL's Dr. GRPO L is the max completion length, not the longest sequence of some micro-batch
+    assert GRPOLossConfig.from_trl("dr_grpo", max_completion_length=512).norm_constant == 512.0
+    with pytest.raises(ValueError, match="max_completion_length"):
+        GRPOLossConfig.from_trl("dr_grpo")
     with pytest.raises(ValueError):
         GRPOLossConfig(loss_agg="sum")

@@ -79,8 +79,15 @@ class GRPOLossConfig:
             raise ValueError("need 0 <= eps_low < 1 and eps_high >= 0")
 
     @classmethod
-    def from_trl(cls, loss_type: str, **kwargs) -> "GRPOLossConfig":
-        """Config with TRL's aggregation for `loss_type` (grpo, bnpo, dapo, dr_grpo)."""
+    def from_trl(cls, loss_type: str, max_completion_length: Optional[int] = None, **kwargs) -> "GRPOLossConfig":
+        """Config with TRL's aggregation for `loss_type` (grpo, bnpo, dapo, dr_grpo).
+
+        dr_grpo divides by num_seqs * max_completion_length, as TRL does: pass it (or `norm_constant`).
+        """
         if loss_type not in TRL_LOSS_TYPE_TO_AGG:
             raise ValueError(f"unknown TRL loss_type {loss_type!r}; known: {sorted(TRL_LOSS_TYPE_TO_AGG)}")
+        if loss_type == "dr_grpo" and kwargs.get("norm_constant") is None:
+            if not max_completion_length or max_completion_length <= 0:
+                raise ValueError("dr_grpo needs max_completion_length (TRL's L: the longest allowed completion)")
+            kwargs["norm_constant"] = float(max_completion_length)
         return cls(loss_agg=TRL_LOSS_TYPE_TO_AGG[loss_type], **kwargs)

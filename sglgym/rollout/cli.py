@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
-import shlex
 import sys
 from pathlib import Path
 
 from .collector import collect_batch_sync
 from .config import load_config, select
-from .engines import EnginePool
+from .engines import EnginePool, start_engine
 from .samples import write_jsonl
-from .spinup import EnvFleet, free_port, start_process, stop_process, wait_healthy
+from .spinup import EnvFleet, stop_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,18 +65,6 @@ def _interleave(lists: list[list[dict]]) -> list[dict]:
     for i in range(max((len(x) for x in lists), default=0)):
         out += [x[i] for x in lists if i < len(x)]
     return out
-
-
-def start_engine(serve_args: str, timeout_s: float):
-    """Start `sglgym serve` on a free port with a fresh API key; returns (server, url, key)."""
-    port, key = free_port(), secrets.token_hex(16)
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "sglgym.cli", "serve", "--port", str(port), "--api-key", key,
-           "--log-level", "warning", *shlex.split(serve_args)]
-    server = start_process("engine", cmd, url)
-    print(f"[rollout] starting engine at {url} (log {server.log_path})", file=sys.stderr)
-    wait_healthy(server, timeout_s, headers={"Authorization": f"Bearer {key}"})
-    return server, url, key
 
 
 def main(argv: list[str] | None = None) -> None:

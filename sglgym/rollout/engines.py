@@ -107,3 +107,20 @@ def start_router(worker_urls: list[str], api_key: str | None = None, timeout_s: 
     wait_healthy(server, timeout_s)
     router_workers(server.url, api_key, min_workers=len(worker_urls), timeout_s=timeout_s)
     return server
+
+
+def start_engine(serve_args: str, timeout_s: float):
+    """Start `sglgym serve` on a free port with a fresh API key; returns (server, url, key)."""
+    import secrets
+    import shlex
+
+    from .spinup import free_port, start_process, wait_healthy
+
+    port, key = free_port(), secrets.token_hex(16)
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "sglgym.cli", "serve", "--port", str(port), "--api-key", key,
+           "--log-level", "warning", *shlex.split(serve_args)]
+    server = start_process("engine", cmd, url)
+    print(f"[rollout] starting engine at {url} (log {server.log_path})", file=sys.stderr)
+    wait_healthy(server, timeout_s, headers={"Authorization": f"Bearer {key}"})
+    return server, url, key

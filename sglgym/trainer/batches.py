@@ -114,3 +114,23 @@ def make_micro_batches(samples: Sequence[Sample], advantages: Sequence[float], m
     if current:
         batches.append(current)
     return [make_micro_batch([samples[i] for i in idx], [advantages[i] for i in idx], idx, pad_id) for idx in batches]
+
+
+def split_over_ranks(samples: Sequence[Sample], advantages: Sequence[float],
+                     world_size: int) -> list[tuple[list[Sample], list[float]]]:
+    """The step's samples split over data-parallel ranks, balanced by tokens (longest first, each to the
+    rank with the fewest tokens so far); every rank's share keeps the batch's order."""
+    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(samples)), key=lambda i: -len(samples[i].token_ids)):
+        r = loads.index(min(loads))
+        shares[r].append(i)
+        loads[r] += len(samples[i].token_ids)
+    return [([samples[i] for i in sorted(idx)], [advantages[i] for i in sorted(idx)]) for idx in shares]
+
+
+def null_micro_batch() -> MicroBatch:
+    """A micro-batch with no loss token: a rank with fewer micro-batches than the others runs it, because a
+    sharded model's forward and backward are collectives every rank must join. It adds 0 to the loss."""
+    s = Sample(token_ids=[0, 0], loss_mask=[0, 0], gen_logprobs=[0.0, 0.0], turn_spans=[], reward=0.0,
+               group_id=-1, prompt_index=-1, truncated=False, num_turns=0, env="", engine_url="")
+    return make_micro_batch([s], [0.0], [])

@@ -8,10 +8,11 @@ the held-out reward before and after and writes metrics.jsonl, summary.json and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .config import dump, load_train_config
+from .config import TrainConfig, dump, load_train_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,69 +21,144 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with TrainConfig fields (see sglgym/trainer/config.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set steps=5 --set loss.eps_high=0.28 (repeatable)")
-    p.add_argument("--engine-url", default=None, help="use a running `sglgym serve` instead of starting one")
+    p.add_argument("--engine-url", action="append", default=[],
+                   help="use a running `sglgym serve` instead of starting one (repeat for several replicas)")
     p.add_argument("--api-key", default=None, help="its API key")
     p.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     p.add_argument("--engine-start-timeout", type=float, default=600.0)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run under torchrun with this many trainer ranks on this machine (backend fsdp); for "
+                        "several nodes call torchrun yourself: torchrun --nnodes ... -m sglgym.cli train ...")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """`sglgym train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m sglgym.cli train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "sglgym.cli", "train", *rest]
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"[train] {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def load(args) -> TrainConfig:
     overrides = list(args.overrides)
-    if args.engine_url:
-        overrides += [f"engine_url={args.engine_url}"]
-    if args.api_key:
-        overrides += [f"engine_api_key={args.api_key}"]
-    if args.out:
-        overrides += [f"out_dir={args.out}"]
     try:
         cfg = load_train_config(args.config, overrides)
     except (ValueError, TypeError) as e:
         print(f"sglgym train: bad config: {e}", file=sys.stderr)
         sys.exit(2)
+    # flags set fields as given: never through YAML (an API key of digits stays a string)
+    if len(args.engine_url) == 1 and not cfg.engine_urls:
+        cfg.engine_url = args.engine_url[0]
+    elif args.engine_url:
+        cfg.engine_url, cfg.engine_urls = None, list(args.engine_url)
+    if args.api_key is not None:
+        cfg.engine_api_key = args.api_key
+    if args.out is not None:
+        cfg.out_dir = args.out
+    return cfg
 
+
+def make_policy(cfg: TrainConfig, model_path: str, ranks):
+    from .policy import HFPolicy, OptimConfig
+
+    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    if cfg.backend == "fsdp":
+        from .fsdp import FSDPPolicy
+        return FSDPPolicy(model_path, optim, seed=cfg.seed, ranks=ranks,
+                          activation_checkpointing=cfg.activation_checkpointing)
+    if ranks.world_size > 1:
+        print("sglgym train: backend hf is one process; use --set backend=fsdp with several ranks", file=sys.stderr)
+        sys.exit(2)
+    return HFPolicy(model_path, optim, seed=cfg.seed, ranks=ranks, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = load(args)
+    if "WORLD_SIZE" not in os.environ and ((args.nproc or 1) > 1 or cfg.backend == "fsdp"):
+        sys.exit(relaunch_under_torchrun(argv, args.nproc or 1))  # FSDP needs a process group, even of one
+
+    from .ranks import close_ranks, init_ranks
+
+    ranks = init_ranks(cfg.dist_timeout_s)
+    try:
+        return _train(cfg, ranks, args.engine_start_timeout)
+    finally:
+        close_ranks(ranks)
+
+
+def _train(cfg: TrainConfig, ranks, engine_start_timeout: float) -> dict:
     from transformers import AutoTokenizer
 
     from sglgym.models import build_tiny_model
-    from sglgym.rollout.cli import start_engine
-    from sglgym.rollout.config import load_config, select
-    from sglgym.rollout.spinup import EnvFleet, stop_process
 
-    from .grpo import GRPOTrainer
-    from .plot import plot_metrics
-    from .policy import HFPolicy, OptimConfig
-    from .refit import EngineControl
-
-    model_path = cfg.model_path or str(build_tiny_model())
+    model_path = (cfg.model_path or str(build_tiny_model())) if ranks.main else None
+    model_path = ranks.broadcast(model_path)  # rank 0 builds the tiny model once; the others wait for it
+    if not ranks.main:
+        policy = make_policy(cfg, model_path, ranks)
+        return _run(cfg, ranks, policy, engines=[], fleet=None, tokenizer=None)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "config.yaml").write_text(dump(cfg))
+    from sglgym.rollout.config import load_config, select
+    from sglgym.rollout.engines import start_engine
+    from sglgym.rollout.spinup import EnvFleet, stop_process
+
+    from .refit import EngineControl
+
     try:
         env_configs = select(load_config(cfg.env_config, cfg.env_set), list(cfg.env_weights()))
     except (KeyError, ValueError) as e:
         print(f"sglgym train: bad env selection: {e}", file=sys.stderr)
         sys.exit(2)
-
     engine_server = None
     try:
-        if cfg.engine_url:
-            engine = EngineControl(cfg.engine_url, cfg.engine_api_key)
-        else:
+        urls = cfg.engines()
+        if not urls:
             serve_args = f"--model-path {model_path} {cfg.serve_args}"
             if not cfg.model_path:
                 serve_args += " --tool-call-parser qwen25 --served-model-name sglgym-tiny"
-            engine_server, url, key = start_engine(serve_args, args.engine_start_timeout)
-            engine = EngineControl(url, key)
-        policy = HFPolicy(model_path, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
-                          seed=cfg.seed)
+            engine_server, url, cfg.engine_api_key = start_engine(serve_args, engine_start_timeout)
+            urls = [url]
+        engines = [EngineControl(u, cfg.engine_api_key) for u in urls]
+        policy = make_policy(cfg, model_path, ranks)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        # NeMo Gym envs run their own model server against the engine: it needs the URL and key
-        with EnvFleet(env_configs, engine_urls=[engine.base_url], api_key=engine.api_key) as fleet:
-            trainer = GRPOTrainer(cfg, policy, engine, fleet, tokenizer)
-            summary = trainer.run()
+        # NeMo Gym envs run their own model server against the engines: they need the URLs and key
+        with EnvFleet(env_configs, engine_urls=urls, api_key=cfg.engine_api_key) as fleet:
+            summary = _run(cfg, ranks, policy, engines, fleet, tokenizer)
     finally:
         if engine_server is not None:
             stop_process(engine_server)
+    _report(cfg, summary)
+    return summary
+
+
+def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer) -> dict:
+    from .grpo import GRPOTrainer
+    from .refitter import Refitter
+    from .rollouts import Rollouts
+
+    rollouts = Rollouts(cfg, fleet, [e.base_url for e in engines], cfg.engine_api_key, Path(cfg.out_dir)) \
+        if ranks.main else None
+    refitter = Refitter(cfg.refit, policy, ranks, engines, Path(cfg.out_dir))
+    return GRPOTrainer(cfg, policy, ranks, refitter, rollouts, tokenizer).run()
+
+
+def _report(cfg: TrainConfig, summary: dict) -> None:
+    from .plot import plot_metrics
 
     png = plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "reward.png", summary)
     print(f"\n[train] held-out reward: before {summary['reward_before']:.3f} -> after {summary['reward_after']:.3f} "
@@ -91,4 +167,3 @@ def main(argv: list[str] | None = None) -> dict:
         for env, after in summary["reward_after_per_env"].items():
             print(f"[train]   {env}: {summary['reward_before_per_env'][env]:.3f} -> {after:.3f}")
     print(f"[train] wrote {cfg.out_dir}/metrics.jsonl, summary.json, {png.name}")
-    return summary

@@ -15,7 +15,8 @@ from sglgym.rollout.config import apply_override
 class TrainConfig:
     # model and engine
     model_path: str | None = None        # None: the embedded tiny model
-    engine_url: str | None = None        # None: start `sglgym serve` for the run
+    engine_url: str | None = None        # None: start `sglgym serve` for the run ...
+    engine_urls: list[str] = field(default_factory=list)  # ... or several running replicas (all refit each step)
     engine_api_key: str | None = None
     serve_args: str = ""                 # extra `sglgym serve` arguments when starting the engine
     # environment and rollouts
@@ -30,6 +31,10 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 8                  # per turn
+    # trainer backend and ranks
+    backend: str = "hf"                  # hf (one process) | fsdp (FSDP2 over torchrun ranks)
+    activation_checkpointing: bool = False
+    dist_timeout_s: float = 1800.0       # every collective between trainer ranks (rank 0 waits on rollouts)
     # optimisation
     steps: int = 200
     time_budget_s: float | None = 480.0  # stop GRPO early when this much time has passed (None: no limit)
@@ -61,6 +66,10 @@ class TrainConfig:
             return {self.env: 1.0}
         total = sum(self.envs.values())
         return {name: w / total for name, w in self.envs.items()}
+
+    def engines(self) -> list[str]:
+        """The running engines to use (empty: start one)."""
+        return list(self.engine_urls) or ([self.engine_url] if self.engine_url else [])
 
     def loss_config(self) -> GRPOLossConfig:
         return GRPOLossConfig(temperature=self.temperature, **self.loss)
@@ -135,6 +144,10 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
             raise ValueError(f"envs.{name}: the weight must be a number > 0, got {weight!r}")
     cfg.envs = {str(name): float(w) for name, w in cfg.envs.items()}
     cfg.loss_config()  # validate the loss variant now, not at step 1
+    if cfg.backend not in ("hf", "fsdp"):
+        raise ValueError(f"backend must be hf or fsdp; got {cfg.backend!r} (megatron: see the README)")
+    if cfg.engine_url and cfg.engine_urls:
+        raise ValueError("give engine_url or engine_urls, not both")
     if cfg.refit not in ("tensor", "disk", "distributed"):
         raise ValueError(f"refit must be tensor, disk or distributed; got {cfg.refit!r}")
     return cfg

@@ -31,9 +31,7 @@ never gathers the vocabulary. Context parallelism is not supported (the loss nee
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -41,45 +39,11 @@ from torch import Tensor
 
 from sglgym.kernels import GRPOLossConfig, grpo_loss, token_logprobs
 from sglgym.trainer.batches import MicroBatch
+from sglgym.trainer.totals import StepTotals, step_loss_config, step_totals  # noqa: F401 (re-exported)
 
 # Token-mean metrics of `grpo_loss` that reduce as [value * n, n]; ratio_min / ratio_max do not.
 MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean",
                 "token_mult_prob_error", "tis_weight_mean")
-
-
-@dataclass(frozen=True)
-class StepTotals:
-    """Denominators of the whole optimizer step (every micro-batch, every data-parallel rank)."""
-    num_tokens: int       # loss tokens
-    num_seqs: int         # sequences with at least one loss token
-    max_seq_tokens: int   # most loss tokens in one sequence (Dr. GRPO's L when norm_constant is None)
-
-
-def _seq_token_counts(mb: MicroBatch) -> Tensor:
-    cu = mb.cu_seqlens.tolist()
-    mask = (mb.loss_mask != 0).to(torch.int64)
-    return torch.stack([mask[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
-
-
-def step_totals(micro_batches: Sequence[MicroBatch], dp_group=None) -> StepTotals:
-    """StepTotals of this rank's micro-batches, all-reduced over `dp_group` when given."""
-    counts = torch.cat([_seq_token_counts(mb) for mb in micro_batches]) if micro_batches else torch.zeros(0)
-    sums = torch.tensor([int(counts.sum()), int((counts > 0).sum())], dtype=torch.int64)
-    longest = torch.tensor([int(counts.max()) if counts.numel() else 0], dtype=torch.int64)
-    if dp_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(dp_group) > 1:
-        # NCCL reduces device tensors only.
-        dev = "cuda" if torch.distributed.get_backend(dp_group) == "nccl" else "cpu"
-        sums, longest = sums.to(dev), longest.to(dev)
-        torch.distributed.all_reduce(sums, group=dp_group)
-        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=dp_group)
-    return StepTotals(int(sums[0]), int(sums[1]), int(longest[0]))
-
-
-def step_loss_config(cfg: GRPOLossConfig, totals: StepTotals) -> GRPOLossConfig:
-    """Dr. GRPO's default L (longest sequence) must be the step's, not each micro-batch's."""
-    if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.norm_constant is None:
-        return dataclasses.replace(cfg, norm_constant=float(max(totals.max_seq_tokens, 1)))
-    return cfg
 
 
 def loss_func(mb: MicroBatch, cfg: GRPOLossConfig, totals: StepTotals, tp_group, backend: str,

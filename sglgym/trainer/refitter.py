@@ -1,0 +1,87 @@
+"""Refit every engine replica from the trainer's weights, and probe that each one agrees.
+
+Every rank calls `refit` (gathering sharded weights is a collective); rank 0 pushes the full weights in
+Hugging Face names to each engine in `engines`, by the configured path (tensor | disk | distributed),
+and reports seconds and GB/s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from .policy import HFPolicy
+from .ranks import Ranks
+from .refit import DistributedRefit, EngineControl, probe, refit_from_tensor
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def save_hf_weights(named: list, model_path: str, out: Path) -> Path:
+    """Full weights + the model's config as a directory `/update_weights_from_disk` can load."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: tied weights share storage, which safetensors refuses to write twice
+    save_file({n: t.detach().cpu().contiguous().clone() for n, t in named}, str(out / "model.safetensors"))
+    for name in CONFIG_FILES:
+        if (Path(model_path) / name).exists():
+            shutil.copy(Path(model_path) / name, out / name)
+    return out
+
+
+class Refitter:
+    def __init__(self, path: str, policy: HFPolicy, ranks: Ranks, engines: list[EngineControl], out_dir: Path):
+        if path not in ("tensor", "disk", "distributed"):
+            raise ValueError(f"refit must be tensor, disk or distributed; got {path!r}")
+        self.path, self.policy, self.ranks, self.engines, self.out_dir = path, policy, ranks, engines, out_dir
+        self.groups: dict[str, DistributedRefit] = {}
+        self.version = 0
+
+    def refit(self) -> dict[str, float]:
+        """Push the current weights into every engine; {} on ranks other than 0."""
+        named = self.policy.named_tensors()  # every rank: a collective under FSDP
+        self.version += 1
+        if not self.ranks.main:
+            return {}
+        version = f"step-{self.version}"
+        t0 = time.perf_counter()
+        if self.path == "disk":
+            weights_dir = save_hf_weights(named, self.policy.model_path, self.out_dir / "refit-weights")
+        for engine in self.engines:
+            if self.path == "disk":
+                with engine.paused():
+                    engine.post("/update_weights_from_disk", {"model_path": str(weights_dir), "weight_version": version})
+            elif self.path == "distributed":
+                if engine.base_url not in self.groups:
+                    self.groups[engine.base_url] = DistributedRefit(
+                        engine, group_name=f"sglgym_refit_{len(self.groups)}")
+                self.groups[engine.base_url].update(named, version)
+            else:
+                refit_from_tensor(engine, named, version)
+        seconds = time.perf_counter() - t0
+        gb = sum(t.numel() * t.element_size() for _, t in named) / 1e9
+        return {"refit_s": seconds, "refit_gb": gb * len(self.engines), "refit_gb_per_s": gb * len(self.engines) / max(seconds, 1e-9)}
+
+    def check_agreement(self, sequences: list[list[int]] | None, atol: float = 1e-4) -> dict:
+        """Every rank calls it (the trainer's scoring is a collective under FSDP); rank 0 compares the
+        trainer's logprobs with each engine's, at temperature 1 (SGLang's prefill logprobs are unscaled)."""
+        sequences = self.ranks.broadcast(sequences[:4] if sequences is not None else None)
+        trainer_lps = self.policy.score(sequences, 1.0)
+        if not self.ranks.main:
+            return {}
+        worst, ok = 0.0, True
+        for engine in self.engines:
+            result = probe(engine, lambda _seqs: trainer_lps, sequences, atol=atol)
+            print(f"[train] {engine.base_url}: {result}", flush=True)
+            worst, ok = max(worst, result.max_abs_diff), ok and result.ok
+        if not ok:
+            print("[train] WARNING: engine and trainer logprobs diverge after refit: the engine is not "
+                  "sampling from the weights being trained", flush=True)
+        return {"probe_max_abs_diff": worst, "probe_ok": ok}
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()

@@ -1,0 +1,41 @@
+"""Trainer test helpers: a synthetic batch and torchrun launches of the scripts in tests/ranks/."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sglgym.kernels import group_advantages
+from sglgym.rollout.samples import Sample
+
+RANKS_DIR = Path(__file__).parent / "ranks"
+
+
+def synthetic_batch(vocab: int, seed: int = 0) -> dict:
+    """3 groups of 4 samples, prompts of 4-9 tokens and completions of 2-9, varied rewards."""
+    rng = random.Random(seed)
+    samples = []
+    for g in range(3):
+        for _ in range(4):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(4, 9))]
+            gen = [rng.randrange(vocab) for _ in range(rng.randint(2, 9))]
+            samples.append(Sample(
+                token_ids=prompt + gen, loss_mask=[0] * len(prompt) + [1] * len(gen),
+                gen_logprobs=[0.0] * len(prompt) + [-rng.uniform(0.5, 6.0) for _ in gen],
+                turn_spans=[(len(prompt), len(prompt) + len(gen))], reward=rng.random(), group_id=g, prompt_index=g,
+                truncated=False, num_turns=1, env="synthetic", engine_url=""))
+    adv = group_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([s.group_id for s in samples]),
+                           baseline="mean", std_normalize=True)
+    return {"samples": samples, "advantages": adv.tolist()}
+
+
+def run_torchrun(script: str, nproc: int, args: list[str], timeout: float = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(RANKS_DIR / script), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
