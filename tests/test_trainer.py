@@ -204,6 +204,20 @@ def test_train_config_coerces_types_and_names_bad_keys(tmp_path):
     assert cfg.loss_config().eps_high == 0.3
     for bad, field in (("lr=fast", "lr"), ("steps=1.5", "steps"), ("group_size=0", "group_size"),
                        ("nope=1", "nope"), ("loss.kl_type=k9", "kl_type"), ("loss.foo=1", "foo"),
-                       ("refit=carrier-pigeon", "refit")):
+                       ("refit=carrier-pigeon", "refit"), ("backend=mpi", "backend"), ("fsdp.shards=2", "fsdp.shards"),
+                       ("envs.guess=0", "envs"), ("top_p=2", "top_p")):
         with pytest.raises(ValueError, match=field):
             load_train_config(None, [bad])
+    # text fields keep what was written, even when YAML reads it as a number or a date
+    cfg = load_train_config(None, ["engine_api_key=123456", "out_dir=2024-01-01", "steps=0"])
+    assert cfg.engine_api_key == "123456" and cfg.out_dir == "2024-01-01" and cfg.steps == 0
+
+
+def test_train_flags_set_fields_as_given():
+    from sglgym.trainer.cli import build_parser, load
+
+    args = build_parser().parse_args(["--api-key", "123456", "--out", "2024-01-01", "--engine-url", "http://a:1",
+                                      "--engine-url", "http://b:2"])
+    cfg = load(args)
+    assert cfg.engine_api_key == "123456" and cfg.out_dir == "2024-01-01"
+    assert cfg.engines() == ["http://a:1", "http://b:2"]

@@ -78,7 +78,8 @@ def make_policy(cfg: TrainConfig, model_path: str, ranks):
     if cfg.backend == "fsdp":
         from .fsdp import FSDPPolicy
         return FSDPPolicy(model_path, optim, seed=cfg.seed, ranks=ranks,
-                          activation_checkpointing=cfg.activation_checkpointing)
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          reshard_after_forward=cfg.fsdp.reshard_after_forward)
     if ranks.world_size > 1:
         print("sglgym train: backend hf is one process; use --set backend=fsdp with several ranks", file=sys.stderr)
         sys.exit(2)

@@ -33,6 +33,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class FSDPPolicy(HFPolicy):
+    def __init__(self, *args, reshard_after_forward: bool = True, **kwargs):
+        self.reshard_after_forward = reshard_after_forward
+        super().__init__(*args, **kwargs)
+
     def build_model(self) -> torch.nn.Module:
         if not torch.distributed.is_initialized():
             raise ValueError("fsdp needs torch.distributed (launch with torchrun or `sglgym train --nproc N`)")
@@ -40,7 +44,7 @@ class FSDPPolicy(HFPolicy):
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
-        kwargs = {}
+        kwargs = {"reshard_after_forward": self.reshard_after_forward}
         if str(self.device).startswith("cuda"):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):

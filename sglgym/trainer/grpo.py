@@ -107,7 +107,7 @@ class GRPOTrainer:
         """The whole run on every rank; the summary on rank 0 ({} elsewhere)."""
         cfg, main = self.cfg, self.ranks.main
         t_start = time.perf_counter()
-        summary: dict = {"config": cfg.__dict__.copy(), "machine": machine_info(self.policy.device, self.ranks.world_size)}
+        summary: dict = {"config": cfg.model_dump(), "machine": machine_info(self.policy.device, self.ranks.world_size)}
         warm = sft_warmup(cfg, self.policy, self.ranks, self.rollouts.envs if main else None, self.tokenizer)
         if warm:
             self.refitter.refit()
