@@ -15,7 +15,9 @@ from sglgym.kernels import GRPOLossConfig, group_advantages
 from sglgym.rollout.samples import Sample
 from sglgym.trainer.batches import make_micro_batches
 from sglgym.trainer.policy import HFPolicy, OptimConfig
-from sglgym.trainer.refit import DistributedRefit, EngineControl, probe, refit_from_disk, refit_from_tensor
+from sglgym.trainer.ranks import Ranks
+from sglgym.trainer.refit import EngineControl, probe
+from sglgym.trainer.refitter import Refitter
 
 LOSS = GRPOLossConfig(eps_low=0.2, eps_high=0.28)
 
@@ -58,16 +60,14 @@ def _micro_batches(samples: list[Sample], max_tokens: int = 64):
 
 
 def _refit(path: str, control: EngineControl, policy: HFPolicy, version: str, tmp_path) -> None:
-    if path == "disk":
-        refit_from_disk(control, policy.model, version, tmp_path / "weights")
-    elif path == "tensor":
-        refit_from_tensor(control, policy.named_tensors(), version)
-    else:
-        group = DistributedRefit(control)  # gloo on CPU, NCCL on GPU
-        try:
-            group.update(policy.named_tensors(), version)
-        finally:
-            group.close()
+    refitter = Refitter(path, policy, Ranks(), [control], tmp_path)  # gloo on CPU, NCCL on GPU
+    refitter.version = int(version.rsplit("-", 1)[1]) - 1
+    try:
+        metrics = refitter.refit()
+    finally:
+        refitter.close()
+    assert metrics["refit_s"] > 0 and metrics["refit_gb"] == pytest.approx(
+        sum(t.numel() * 4 for _, t in policy.named_tensors()) / 1e9)
 
 
 @pytest.mark.parametrize("path", ["tensor", "disk", "distributed"])
@@ -84,7 +84,7 @@ def test_grpo_step_moves_engine_and_refit_keeps_agreement(path, samples, control
     # The sampled logprobs are the trainer's own before the step (fp32 CPU: engine == trainer).
     assert 1.0 <= metrics["token_mult_prob_error"] <= 1.0 + 1e-4
 
-    version = f"test-{path}-1"
+    version = "step-7"
     _refit(path, control, policy, version, tmp_path)
     assert control.weight_version() == version
 

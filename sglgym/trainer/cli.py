@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = load(args)
-    if "WORLD_SIZE" not in os.environ and ((args.nproc or 1) > 1 or cfg.backend == "fsdp"):
+    if "RANK" not in os.environ and ((args.nproc or 1) > 1 or cfg.backend == "fsdp"):
         sys.exit(relaunch_under_torchrun(argv, args.nproc or 1))  # FSDP needs a process group, even of one
 
     from .ranks import close_ranks, init_ranks

@@ -23,6 +23,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False   # this run created the process group (and destroys it at the end)
 
     @property
     def main(self) -> bool:
@@ -71,12 +72,14 @@ class Ranks:
 
 
 def init_ranks(timeout_s: float = 1800.0) -> Ranks:
-    """Join torchrun's process group when launched by torchrun (WORLD_SIZE set), else a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join torchrun's process group when launched by torchrun (RANK set; also a world of one, which FSDP
+    needs), else a world of one without a process group."""
+    if "RANK" not in os.environ:
         return Ranks()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     ranks = Ranks(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
+        ranks.owns_group = True
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(ranks.local_rank)
@@ -85,5 +88,5 @@ def init_ranks(timeout_s: float = 1800.0) -> Ranks:
 
 
 def close_ranks(ranks: Ranks) -> None:
-    if ranks.world_size > 1 and dist.is_initialized():
+    if ranks.owns_group and dist.is_initialized():
         dist.destroy_process_group()

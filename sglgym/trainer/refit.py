@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import pickle
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -112,16 +111,6 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Ite
         size += nbytes
     if bucket:
         yield bucket
-
-
-def refit_from_disk(engine: EngineControl, model, version: str, out_dir: str | Path | None = None) -> float:
-    """save_pretrained to a directory and have the engine reload from it. Returns seconds."""
-    t0 = time.perf_counter()
-    out = Path(out_dir or tempfile.mkdtemp(prefix="sglgym-refit-"))
-    model.save_pretrained(out, safe_serialization=True)
-    with engine.paused():
-        engine.post("/update_weights_from_disk", {"model_path": str(out), "weight_version": version})
-    return time.perf_counter() - t0
 
 
 def refit_from_tensor(engine: EngineControl, named: Iterable[tuple[str, torch.Tensor]], version: str,
