@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from rollout.helpers import children_of, faulty_env, scripted_engine, serve_in_thread, tool_call, wait_dead
 from sglgym.rollout.config import DEFAULT_CONFIG
@@ -282,6 +283,25 @@ def test_tool_5xx_fails_the_rollout_but_4xx_is_the_tool_output():
     assert m["rollouts_failed"] == 1 and m["failures"][0]["prompt_index"] == 2
     assert m["failures"][0]["stage"] == "tool" and "HTTP 500" in m["failures"][0]["error"]
     assert m["per_env"]["faulty"]["rollouts_failed"] == 1 and m["per_env"]["faulty"]["rollouts_finished"] == 2
+
+
+def test_nemo_gym_context_overflow_is_named():
+    """NeMo Gym's vllm_model turns an engine's context-length 400 into an empty "length" completion: the
+    rollout fails at stage "context" with the fix in the message, not as a protocol error."""
+    app = FastAPI()
+
+    @app.post("/run")
+    async def run():
+        return {"reward": 0.0, "response": {"output": [{"type": "message", "role": "assistant", "content": []}],
+                                            "incomplete_details": {"reason": "max_output_tokens"}}}
+
+    with serve_in_thread(app) as agent_url:
+        env = Env(EnvConfig(name="gym", url=agent_url, type="nemo_gym"), agent_url)
+        rows = [{"responses_create_params": {"input": "a very long prompt"}}]
+        samples, m = collect_batch_sync({"gym": env}, "http://127.0.0.1:9", rows, group_size=1, batch_groups=1,
+                                        progress=False, retries=0)
+    assert not samples and m["failures"][0]["stage"] == "context"
+    assert "--context-length" in m["failures"][0]["error"]
 
 
 def test_env_timeout_does_not_hang():

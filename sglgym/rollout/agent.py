@@ -225,6 +225,12 @@ async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opt
                                env.url)
     output = (result.get("response") or {}).get("output") or []
     turns = turns_from_output(output)
+    incomplete = (result.get("response") or {}).get("incomplete_details")
+    if not turns and (incomplete or {}).get("reason") == "max_output_tokens":
+        # NeMo Gym's vllm_model answers an engine's context-length 400 with an empty "length" completion
+        raise RolloutError("context", f"env {env.name!r}: the engine generated nothing for this row: its prompt "
+                           "(plus max_tokens) is longer than the engine's context; raise the engine's "
+                           "--context-length or lower max_tokens", env.url)
     if not turns:
         raise EnvProtocolError(f"env {env.name!r} /run output carries no generation_token_ids: is the model "
                                "server configured with return_token_id_information: true?", env.url)
@@ -234,7 +240,6 @@ async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opt
             tracker.add_turn(prompt, gen, lps)
         except ContiguityError as e:
             raise RolloutError("contiguity", str(e), env.url) from None
-    incomplete = (result.get("response") or {}).get("incomplete_details")
     return tracker.to_sample(
         reward=float(result["reward"]), group_id=job.group_id, prompt_index=job.prompt_index,
         # with several replicas NeMo Gym's model server picks one per rollout and does not say which

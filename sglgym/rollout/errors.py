@@ -5,7 +5,8 @@ from __future__ import annotations
 
 class RolloutError(Exception):
     """A rollout that could not finish. `stage`: engine, seed_session, tool, step, verify, contiguity,
-    timeout, env_protocol, row (a malformed dataset row), run (NeMo Gym's agent /run), internal."""
+    timeout, env_protocol, row (a malformed dataset row), run (NeMo Gym's agent /run), context (a prompt longer
+    than the engine's context), internal."""
 
     def __init__(self, stage: str, message: str, url: str | None = None):
         super().__init__(f"[{stage}] {message}")
