@@ -43,6 +43,7 @@ def train_one(env: str, url: str, key: str, out: Path, steps: int) -> dict:
         "probe_max_abs_diff": [m.get("probe_max_abs_diff") for m in lines],
         "token_mult_prob_error": [m.get("token_mult_prob_error") for m in lines],
         "turns_mean": [m.get(f"turns_mean/{env}") for m in lines],
+        "failures_by_stage": [m.get("rollout_failures_by_stage", {}) for m in lines],
         "reward_before": summary["reward_before"], "reward_after": summary["reward_after"],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", default=",".join(ENVS))
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--context-length", type=int, default=8192,
+                   help="engine context: some example rows (xlam's tool lists) exceed the tiny model's 2048")
     p.add_argument("--out", default=str(REPO / "runs" / "nemo-gym-envs"))
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "nemo-gym-train-cpu.json"))
     args = p.parse_args(argv)
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     from sglgym.rollout.engines import start_engine
     from sglgym.rollout.spinup import stop_process
 
-    serve = f"--model-path {build_tiny_model()} --tool-call-parser qwen25 --served-model-name sglgym-tiny"
+    import os
+    os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"  # beyond the config's 2048 (rotary extends)
+    serve = (f"--model-path {build_tiny_model()} --tool-call-parser qwen25 --served-model-name sglgym-tiny "
+             f"--context-length {args.context_length}")
     proc, url, key = start_engine(serve, 600.0)
     results: dict = {}
     try:
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[bench] {env}: {json.dumps(results[env])}", flush=True)
     finally:
         stop_process(proc)
-    report = {"machine": machine(), "steps": args.steps, "envs": results,
+    report = {"machine": machine(), "steps": args.steps, "engine_context_length": args.context_length, "envs": results,
               "ok": all("error" not in r and not any(r["rollout_failures"]) and all(r["probe_ok"])
                         for r in results.values())}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -17,13 +17,14 @@ RANKS_DIR = Path(__file__).parent / "ranks"
 
 
 def synthetic_batch(vocab: int, seed: int = 0) -> dict:
-    """3 groups of 4 samples, prompts of 4-9 tokens and completions of 2-9, varied rewards."""
+    """3 groups of 4 samples, prompts of 4-9 tokens and completions of 2-9, varied rewards. Token 0 (the pad
+    id) is left out: HF's embedding never updates its padding row, megatron's has no such row."""
     rng = random.Random(seed)
     samples = []
     for g in range(3):
         for _ in range(4):
-            prompt = [rng.randrange(vocab) for _ in range(rng.randint(4, 9))]
-            gen = [rng.randrange(vocab) for _ in range(rng.randint(2, 9))]
+            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(4, 9))]
+            gen = [rng.randrange(1, vocab) for _ in range(rng.randint(2, 9))]
             samples.append(Sample(
                 token_ids=prompt + gen, loss_mask=[0] * len(prompt) + [1] * len(gen),
                 gen_logprobs=[0.0] * len(prompt) + [-rng.uniform(0.5, 6.0) for _ in gen],

@@ -75,6 +75,14 @@ def make_policy(cfg: TrainConfig, model_path: str, ranks):
     from .policy import HFPolicy, OptimConfig
 
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    if cfg.backend == "megatron":
+        if ranks.world_size % cfg.megatron.tp:
+            print(f"sglgym train: megatron.tp={cfg.megatron.tp} does not divide {ranks.world_size} ranks", file=sys.stderr)
+            sys.exit(2)
+        from .megatron_policy import MegatronPolicy
+        ranks.tp = cfg.megatron.tp
+        return MegatronPolicy(model_path, optim, ranks=ranks, tp=cfg.megatron.tp, seed=cfg.seed,
+                              activation_checkpointing=cfg.activation_checkpointing)
     if cfg.backend == "fsdp":
         from .fsdp import FSDPPolicy
         return FSDPPolicy(model_path, optim, seed=cfg.seed, ranks=ranks,
@@ -90,7 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = load(args)
-    if "RANK" not in os.environ and ((args.nproc or 1) > 1 or cfg.backend == "fsdp"):
+    if cfg.backend == "megatron":
+        import torch
+        if not torch.cuda.is_available():
+            print("sglgym train: backend megatron needs CUDA (megatron-core assumes it); on CPU its math is proven "
+                  "by tests/test_trainer_megatron.py. Use backend hf or fsdp here.", file=sys.stderr)
+            sys.exit(2)
+    if "RANK" not in os.environ and ((args.nproc or 1) > 1 or cfg.backend in ("fsdp", "megatron")):
         sys.exit(relaunch_under_torchrun(argv, args.nproc or 1))  # FSDP needs a process group, even of one
 
     from .ranks import close_ranks, init_ranks

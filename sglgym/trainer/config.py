@@ -25,6 +25,12 @@ class FSDPConfig(BaseModel):
     reshard_after_forward: bool = True   # False: keep gathered parameters between forward and backward (more memory)
 
 
+class MegatronConfig(BaseModel):
+    """Backend `megatron` (megatron-core GPTModel from the HF checkpoint; GPU only in `sglgym train`)."""
+    model_config = ConfigDict(extra="forbid")
+    tp: int = Field(1, gt=0)              # tensor-parallel size (adjacent ranks); data parallel over the rest
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # model and engine
@@ -46,8 +52,9 @@ class TrainConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(8, gt=0)        # per turn
     # trainer backend and ranks
-    backend: Literal["hf", "fsdp"] = "hf"   # hf: one process | fsdp: FSDP2 over torchrun ranks
+    backend: Literal["hf", "fsdp", "megatron"] = "hf"   # hf: one process | fsdp: FSDP2 | megatron: megatron-core
     fsdp: FSDPConfig = FSDPConfig()
+    megatron: MegatronConfig = MegatronConfig()
     activation_checkpointing: bool = False
     dist_timeout_s: float = Field(1800.0, gt=0)   # every collective between trainer ranks
     # optimisation
@@ -148,6 +155,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         raise ValueError(_errors(e)) from None
     if cfg.engine_url and cfg.engine_urls:
         raise ValueError("engine_url, engine_urls: give one or the other, not both")
+    if cfg.backend == "megatron" and cfg.loss.get("kl_type"):
+        raise ValueError("loss.kl_type: a KL reference policy is not wired for backend megatron (use hf or fsdp)")
     try:
         cfg.loss_config()  # validate the loss variant now, not at step 1
     except ValidationError as e:

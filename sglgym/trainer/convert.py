@@ -94,7 +94,7 @@ def split_qkv(qkv: Tensor, dims: Qwen2Dims) -> tuple[Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _strip_wrappers(name: str) -> str:
+def strip_wrappers(name: str) -> str:
     # DDP / Float16Module wrap the GPTModel as `.module`; a state dict may carry those prefixes.
     while name.startswith("module."):
         name = name[len("module."):]
@@ -113,7 +113,7 @@ def megatron_to_hf(named: Mapping[str, Tensor] | NamedTensors, hf_config) -> Ite
     layers: dict[int, dict[str, Tensor]] = {}
     top: dict[str, Tensor] = {}
     for raw, t in items:
-        name = _strip_wrappers(raw)
+        name = strip_wrappers(raw)
         if name.endswith("_extra_state"):
             continue
         m = _LAYER.match(name)
@@ -331,7 +331,7 @@ def load_hf_into_gpt(model: torch.nn.Module, hf_state_dict: Mapping[str, Tensor]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     local = shard_tp(hf_to_megatron(hf_state_dict, hf_config, layer_spec), tp_rank, tp_size)
-    params = {_strip_wrappers(n): p for n, p in model.named_parameters()}
+    params = {strip_wrappers(n): p for n, p in model.named_parameters()}
     missing = sorted(set(params) - set(local))
     if missing:
         raise KeyError(f"no HF weight for Megatron parameters {missing}")

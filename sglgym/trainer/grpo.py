@@ -60,7 +60,7 @@ class GRPOTrainer:
         batch = self.rollouts.step_batch(step) if self.ranks.main else None
         shares = None
         if self.ranks.main and batch.samples:
-            shares = split_over_ranks(batch.samples, batch.advantages, self.ranks.world_size)
+            shares = self.ranks.per_rank(split_over_ranks(batch.samples, batch.advantages, self.ranks.dp_size))
         share = self.ranks.scatter(shares if shares is not None else [None] * self.ranks.world_size)
         if share is None:  # no group had reward signal: every rank skips the update
             return {"step": step, **batch.metrics} if self.ranks.main else {}

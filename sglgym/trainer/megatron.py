@@ -116,3 +116,29 @@ def make_forward_step(cfg: GRPOLossConfig, totals: StepTotals, *, tp_group=None,
         return logits, partial(loss_func, mb, step_cfg, totals, group, backend)
 
     return forward_step
+
+
+def sft_loss_func(mb: MicroBatch, tp_group, backend: str, output_tensor: Tensor):
+    """Supervised loss of one micro-batch as (sum of -logp over its loss tokens, n_mb, metrics): with
+    calculate_per_token_loss megatron divides the gradients by the step's token count (the warm-up)."""
+    logp = token_logprobs(mb.packed_logits(output_tensor), mb.target_ids, 1.0, tp_group, backend=backend)
+    nll = -(logp * mb.loss_mask).sum()
+    n = (mb.loss_mask != 0).sum().to(torch.int)
+    return nll, n, {"loss": torch.stack([nll.detach().float(), n.float()])}
+
+
+def make_sft_forward_step(*, tp_group=None, backend: str = "auto"):
+    """forward_step for the supervised warm-up (same conventions as `make_forward_step`)."""
+    from megatron.core.utils import get_model_config
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        config = get_model_config(model)
+        _check_config(config)
+        group = tp_group if tp_group is not None else _default_tp_group(config)
+        device = next(model.parameters()).device
+        mb = next(data_iterator).to(device)
+        b, length = mb.input_ids.shape
+        position_ids = torch.arange(length, device=device).unsqueeze(0).expand(b, length)
+        return model(mb.input_ids, position_ids, None), partial(sft_loss_func, mb, group, backend)
+
+    return forward_step

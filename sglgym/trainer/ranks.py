@@ -24,6 +24,19 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False   # this run created the process group (and destroys it at the end)
+    tp: int = 1                # tensor-parallel ranks that see the same data (megatron; adjacent ranks)
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    def per_rank(self, per_dp: Sequence[Any]) -> list[Any]:
+        """One object per data-parallel rank -> one per rank (the tensor-parallel ranks of a group share it)."""
+        return [per_dp[r // self.tp] for r in range(self.world_size)]
 
     @property
     def main(self) -> bool:

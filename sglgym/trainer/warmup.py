@@ -72,7 +72,7 @@ def sft_warmup(cfg: TrainConfig, policy: HFPolicy, ranks: Ranks, envs: dict | No
     loss = 0.0
     for step in range(cfg.sft_steps):
         batch = samples[step * cfg.sft_batch:(step + 1) * cfg.sft_batch]
-        shares = split_over_ranks(batch, [0.0] * len(batch), ranks.world_size) if ranks.main else None
+        shares = ranks.per_rank(split_over_ranks(batch, [0.0] * len(batch), ranks.dp_size)) if ranks.main else None
         mine, zeros = ranks.scatter(shares)
         loss = policy.sft_step(make_micro_batches(mine, zeros, cfg.micro_batch_tokens))
     for group in policy.optimizer.param_groups:
