@@ -44,7 +44,7 @@ def test_hf_train_step_under_the_guard(batch, tiny_model_path):
             batch["samples"], batch["advantages"])
         scores = policy.score([s.token_ids for s in batch["samples"][:2]])
         policy.named_tensors()
-    assert guard.checked > 100 and metrics["grad_norm"] > 0 and metrics["kl_step"] > 0
+    assert guard.checked >= 50 and metrics["grad_norm"] > 0 and metrics["kl_step"] > 0
     assert len(scores[0]) == len(batch["samples"][0].token_ids) - 1
 
 
@@ -67,4 +67,4 @@ def test_fsdp_train_step_under_the_guard(batch, tiny_model_path, tmp_path):
     run_torchrun("fsdp_step.py", 2, ["--model", tiny_model_path, "--batch", str(tmp_path / "batch.pt"),
                                      "--loss-agg", "token-mean", "--guard", "--out", str(tmp_path / "out.pt")])
     out = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert out["metrics"]["guard_checked_ops"] > 100 and out["metrics"]["grad_norm"] > 0
+    assert out["metrics"]["guard_checked_ops"] >= 50 and out["metrics"]["grad_norm"] > 0

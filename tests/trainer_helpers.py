@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import subprocess
@@ -40,3 +41,14 @@ def run_torchrun(script: str, nproc: int, args: list[str], timeout: float = 300)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(RANKS_DIR / script), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+
+
+def step_parser() -> argparse.ArgumentParser:
+    """Arguments of the one-step scripts in tests/ranks/."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", required=True)
+    p.add_argument("--loss-agg", required=True)
+    p.add_argument("--micro-batch-tokens", type=int, default=48)
+    p.add_argument("--out", required=True)
+    return p

@@ -93,26 +93,31 @@ def _default_tp_group(config):
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def _forward(data_iterator: Iterator[MicroBatch], model: torch.nn.Module, tp_group):
+    """The next micro-batch through the model: (logits [B, L, V(/tp)], the micro-batch, the TP group)."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    _check_config(config)
+    group = tp_group if tp_group is not None else _default_tp_group(config)
+    device = next(model.parameters()).device
+    mb = next(data_iterator).to(device)
+    b, length = mb.input_ids.shape
+    position_ids = torch.arange(length, device=device).unsqueeze(0).expand(b, length)
+    # Right padding + the causal mask: real tokens never attend to padding, so no explicit mask.
+    return model(mb.input_ids, position_ids, None), mb, group
+
+
 def make_forward_step(cfg: GRPOLossConfig, totals: StepTotals, *, tp_group=None,
                       backend: str = "auto") -> Callable[[Iterator[MicroBatch], torch.nn.Module], tuple]:
     """forward_step(data_iterator, model) -> (logits, partial(loss_func, ...)) for megatron's schedules.
 
     `tp_group`: the tensor-parallel group (default: megatron's, when the model is tensor-parallel).
     """
-    from megatron.core.utils import get_model_config
-
     step_cfg = step_loss_config(cfg, totals)
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        config = get_model_config(model)
-        _check_config(config)
-        group = tp_group if tp_group is not None else _default_tp_group(config)
-        device = next(model.parameters()).device
-        mb = next(data_iterator).to(device)
-        b, length = mb.input_ids.shape
-        position_ids = torch.arange(length, device=device).unsqueeze(0).expand(b, length)
-        # Right padding + the causal mask: real tokens never attend to padding, so no explicit mask.
-        logits = model(mb.input_ids, position_ids, None)
+        logits, mb, group = _forward(data_iterator, model, tp_group)
         return logits, partial(loss_func, mb, step_cfg, totals, group, backend)
 
     return forward_step
@@ -129,16 +134,9 @@ def sft_loss_func(mb: MicroBatch, tp_group, backend: str, output_tensor: Tensor)
 
 def make_sft_forward_step(*, tp_group=None, backend: str = "auto"):
     """forward_step for the supervised warm-up (same conventions as `make_forward_step`)."""
-    from megatron.core.utils import get_model_config
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        config = get_model_config(model)
-        _check_config(config)
-        group = tp_group if tp_group is not None else _default_tp_group(config)
-        device = next(model.parameters()).device
-        mb = next(data_iterator).to(device)
-        b, length = mb.input_ids.shape
-        position_ids = torch.arange(length, device=device).unsqueeze(0).expand(b, length)
-        return model(mb.input_ids, position_ids, None), partial(sft_loss_func, mb, group, backend)
+        logits, mb, group = _forward(data_iterator, model, tp_group)
+        return logits, partial(sft_loss_func, mb, group, backend)
 
     return forward_step

@@ -7,7 +7,6 @@ loss, the full gradients and the updated full weights.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from device_guard import simulated_device  # noqa: E402
+from trainer_helpers import step_parser  # noqa: E402
 
 from sglgym.kernels import GRPOLossConfig
 from sglgym.trainer.batches import make_micro_batches, split_over_ranks
@@ -25,13 +25,8 @@ from sglgym.trainer.update import PolicyUpdate
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--batch", required=True)
-    p.add_argument("--loss-agg", required=True)
-    p.add_argument("--micro-batch-tokens", type=int, default=48)
+    p = step_parser()
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", required=True)
     p.add_argument("--guard", action="store_true",
                    help="the whole train step (KL reference, 2 PPO epochs, step KL, weight gather) under the "
                         "simulated device of tests/device_guard.py")

@@ -6,7 +6,6 @@ weights in Hugging Face names.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_cpu import megatron_on_cpu  # noqa: E402
+from trainer_helpers import step_parser  # noqa: E402
 
 from sglgym.kernels import GRPOLossConfig  # noqa: E402
 from sglgym.trainer.batches import make_micro_batches, split_over_ranks  # noqa: E402
@@ -23,13 +23,8 @@ from sglgym.trainer.ranks import Ranks  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--batch", required=True)
-    p.add_argument("--loss-agg", required=True)
+    p = step_parser()
     p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--micro-batch-tokens", type=int, default=48)
-    p.add_argument("--out", required=True)
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
