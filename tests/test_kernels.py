@@ -163,6 +163,31 @@ def test_fused_linear_matches_reference(linear_case, name, backend):
         assert_matches(got, want)
 
 
+def test_fused_linear_chunk_rows_follow_the_budget(linear_case, monkeypatch):
+    """Rows per chunk = budget // (V * 4 bytes), clamped to [1, T]; a budget-sized chunking (here 7 rows,
+    set through the env override) gives the loss and gradients of one chunk."""
+    from sglgym.kernels import fused_linear as fl
+
+    monkeypatch.delenv(fl.CHUNK_BYTES_ENV, raising=False)
+    assert fl.default_linear_chunk_rows(2048, 32000) == 262  # the CPU default: 32 MiB
+    assert fl.linear_chunk_bytes(torch.device("cuda")) == 256 << 20
+    assert fl.default_linear_chunk_rows(2048, 32000, 32 << 20) == 262
+    assert fl.default_linear_chunk_rows(2048, 128000, 32 << 20) == 65
+    assert fl.default_linear_chunk_rows(2048, 32000, 64 << 20) == 524
+    assert fl.default_linear_chunk_rows(100, 1000, 1 << 30) == 100  # clamped to T
+    assert fl.default_linear_chunk_rows(100, 1000, 1) == 1  # at least one row
+    monkeypatch.setenv(fl.CHUNK_BYTES_ENV, str(7 * 999 * 4 + 5))
+    assert fl.linear_chunk_bytes(torch.device("cpu")) == fl.linear_chunk_bytes(torch.device("cuda")) == 7 * 999 * 4 + 5
+    assert fl.default_linear_chunk_rows(47, 999) == 7
+
+    cfg = CONFIGS["k3-tis-seq-norm"]
+    chunked = run_fast(linear_case, cfg, linear_case["old"], backend="torch")  # 7 chunks, ragged tail of 5
+    monkeypatch.delenv(fl.CHUNK_BYTES_ENV)
+    one = run_fast(linear_case, cfg, linear_case["old"], backend="torch", chunk_rows=47)
+    assert_matches(chunked, (one[0].detach().double(), {k: g.double() for k, g in one[1].items()}, one[2]),
+                   atol=1e-6, rtol=1e-5)
+
+
 def test_online_softmax_across_many_blocks(case, monkeypatch):
     """Small blocks: the online max/sum-exp carries across 8 blocks with a ragged tail (1001 = 7*128 + 105)."""
     import sglgym.kernels.fused_loss as tk

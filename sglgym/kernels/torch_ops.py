@@ -29,21 +29,35 @@ def _local_targets(target_ids: Tensor, vocab_start: int, vocab: int) -> tuple[Te
     return local.clamp(0, vocab - 1), on_shard
 
 
+def _fp32_rows(x: Tensor) -> bool:
+    return x.dtype == torch.float32 and x.stride(-1) == 1
+
+
 @torch.no_grad()
 def stats_torch(
-    logits: Tensor, target_ids: Tensor, inv_temp: float, vocab_start: int = 0, chunk_rows: Optional[int] = None
+    logits: Tensor,
+    target_ids: Tensor,
+    inv_temp: float,
+    vocab_start: int = 0,
+    chunk_rows: Optional[int] = None,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Row max m, sum exp(x - m), target logit (0 when the target is not in this vocab shard); x = logits * inv_temp."""
+    """Row max m, sum exp(x - m), target logit (0 when the target is not in this vocab shard); x = logits * inv_temp.
+
+    overwrite: `logits` is a private temporary (the fused-linear chunk): fp32 row-major logits then hold
+    the exp pass themselves, no work buffer (same ops, same results; the logits are garbage afterwards).
+    """
     t, v = logits.shape
     rows = chunk_rows or default_chunk_rows(t, v)
     local, on_shard = _local_targets(target_ids, vocab_start, v)
     m = logits.amax(dim=1).to(torch.float32)  # one streaming pass, no temporaries
     tgt = torch.where(on_shard, logits.gather(1, local[:, None]).squeeze(1).to(torch.float32) * inv_temp, 0.0)
     s = torch.empty_like(m)
-    buf = torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
+    direct = overwrite and _fp32_rows(logits)
+    buf = None if direct else torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
     for a in range(0, t, rows):
         b = min(a + rows, t)
-        z = buf[: b - a]
+        z = logits[a:b] if direct else buf[: b - a]
         torch.sub(logits[a:b], m[a:b, None], out=z)  # exact for fp32: x - max
         if inv_temp != 1.0:
             z.mul_(inv_temp)
@@ -105,18 +119,26 @@ def _scaled_fp32(x: Tensor, inv_temp: float) -> Tensor:
 
 @torch.no_grad()
 def logp_local_torch(
-    logits: Tensor, target_ids: Tensor, inv_temp: float, chunk_rows: Optional[int] = None
+    logits: Tensor, target_ids: Tensor, inv_temp: float, chunk_rows: Optional[int] = None, overwrite: bool = False
 ) -> Tensor:
-    """log_softmax(logits * inv_temp)[t, target[t]] (0 where target < 0), fp32 [T]."""
+    """log_softmax(logits * inv_temp)[t, target[t]] (0 where target < 0), fp32 [T].
+
+    overwrite: as in stats_torch (fp32 row-major logits become the log-softmax: no work buffer, same result).
+    """
     t, v = logits.shape
     rows = chunk_rows or default_chunk_rows(t, v)
     local, valid = _local_targets(target_ids, 0, v)
     logp = torch.empty(t, dtype=torch.float32, device=logits.device)
-    buf = torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
+    direct = overwrite and _fp32_rows(logits)
+    buf = None if direct else torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
     for a in range(0, t, rows):
         b = min(a + rows, t)
-        z = buf[: b - a]
-        torch._log_softmax(_scaled_fp32(logits[a:b], inv_temp), 1, False, out=z)
+        if direct:
+            z = logits[a:b]
+            x = z.mul_(inv_temp) if inv_temp != 1.0 else z  # (ATen's log_softmax reads a row before writing it)
+        else:
+            z, x = buf[: b - a], _scaled_fp32(logits[a:b], inv_temp)
+        torch._log_softmax(x, 1, False, out=z)
         torch.gather(z, 1, local[a:b, None], out=logp[a:b, None])
     return torch.where(valid, logp, 0.0)
 
@@ -137,13 +159,16 @@ def grad_local_torch(
     local, valid = _local_targets(target_ids, 0, v)
     gs = g.to(torch.float32) * inv_temp
     add = torch.where(valid, gs, 0.0)[:, None]
-    direct = out.dtype == torch.float32 and out.stride(-1) == 1
+    direct = _fp32_rows(out)
+    # in place: scale the chunk where it lies instead of into a chunk-sized copy (same values)
+    scale_in_place = direct and out is logits and inv_temp != 1.0
     buf = None if direct else torch.empty(min(rows, t), v, dtype=torch.float32, device=logits.device)
     for a in range(0, t, rows):
         b = min(a + rows, t)
         z = out[a:b] if direct else buf[: b - a]
-        # (for in-place fp32, z is the input chunk itself: ATen's softmax reads each row before writing it)
-        torch._softmax(_scaled_fp32(logits[a:b], inv_temp), 1, False, out=z)
+        x = z.mul_(inv_temp) if scale_in_place else _scaled_fp32(logits[a:b], inv_temp)
+        # (for in-place fp32, x is z itself: ATen's softmax reads each row before writing it)
+        torch._softmax(x, 1, False, out=z)
         z.mul_(-gs[a:b, None]).scatter_add_(1, local[a:b, None], add[a:b])
         if not direct:
             out[a:b].copy_(z)
