@@ -53,6 +53,21 @@ def test_fsdp_two_ranks_equal_single_process_step(loss_agg, tiny_model_path, tmp
     assert moved > 1e-4  # the step did move the weights
 
 
+def test_fsdp_two_ranks_equal_single_process_warmup_step(tiny_model_path, tmp_path):
+    """The supervised warm-up step (mean NLL of the loss tokens over every rank) equals the single process's."""
+    from transformers import AutoConfig
+
+    batch = synthetic_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size, seed=1)
+    torch.save(batch, tmp_path / "batch.pt")
+    run_torchrun("fsdp_step.py", 2, ["--model", tiny_model_path, "--batch", str(tmp_path / "batch.pt"), "--sft",
+                                     "--loss-agg", "token-mean", "--out", str(tmp_path / "fsdp.pt")])
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    single = HFPolicy(tiny_model_path, OptimConfig(lr=1e-3))
+    loss = single.sft_step(make_micro_batches(batch["samples"], batch["advantages"], 10_000))
+    assert fsdp["metrics"]["loss"] == pytest.approx(loss, abs=1e-6)
+    assert_same_update(fsdp["weights"], single.model)
+
+
 def test_sglgym_train_fsdp_two_ranks_refits_two_replicas(engine, control, restore_engine, tmp_path):
     """`sglgym train --nproc 2 --set backend=fsdp` with two engine replicas: rank 0 collects over both,
     both ranks train, and both engines end on the trained weights (the probe checks each)."""

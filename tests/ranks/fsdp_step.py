@@ -27,6 +27,7 @@ from sglgym.trainer.update import PolicyUpdate
 def main() -> None:
     p = step_parser()
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sft", action="store_true", help="a supervised warm-up step instead of a GRPO step")
     p.add_argument("--guard", action="store_true",
                    help="the whole train step (KL reference, 2 PPO epochs, step KL, weight gather) under the "
                         "simulated device of tests/device_guard.py")
@@ -45,7 +46,9 @@ def main() -> None:
             policy.named_tensors()
         metrics["guard_checked_ops"] = guard.checked
     mbs = make_micro_batches(mine, adv, args.micro_batch_tokens)
-    if not args.guard:
+    if args.sft:
+        metrics = {"loss": policy.sft_step(mbs)}
+    elif not args.guard:
         metrics = policy.grpo_step(mbs, GRPOLossConfig(loss_agg=args.loss_agg, eps_high=0.28))
     grads = {n: (p.grad.full_tensor() if p.grad is not None else None) for n, p in policy.model.named_parameters()}
     weights = dict(policy.named_tensors())
