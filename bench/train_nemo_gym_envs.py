@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENVS = ["nemo_gym_multi_turn", "nemo_gym_math", "nemo_gym_mcqa", "nemo_gym_xlam", "nemo_gym_blackjack"]
+ENVS = ["nemo_gym_weather", "nemo_gym_multi_turn", "nemo_gym_math", "nemo_gym_mcqa", "nemo_gym_xlam", "nemo_gym_blackjack"]
 
 
 def train_one(env: str, url: str, key: str, out: Path, steps: int) -> dict:
