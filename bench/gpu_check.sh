@@ -15,10 +15,8 @@ import json, torch
 print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "capability": torch.cuda.get_device_capability()}))
 PY
-python3 -c "from sglgym.models import build_tiny_model; from bench_trainer import SPEC; print(build_tiny_model(spec=SPEC))" \
-  2>/dev/null > /tmp/model_path || PYTHONPATH=$PWD:$PWD/bench python3 -c \
-  "from sglgym.models import build_tiny_model; from bench_trainer import SPEC; print(build_tiny_model(spec=SPEC))" > /tmp/model_path
-model=$(tail -1 /tmp/model_path)
+model=$(PYTHONPATH=$PWD:$PWD/bench python3 -c \
+  "from sglgym.models import build_tiny_model; from bench_trainer import SPEC; print(build_tiny_model(spec=SPEC))" | tail -1)
 for backend in hf fsdp; do
   timeout 180 python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/trainer_ranks.py \
     --model "$model" --backend "$backend" --samples 64 --prompt 512 --gen 512 --steps 5 \

@@ -37,7 +37,7 @@ def relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
     import subprocess
 
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":
