@@ -20,12 +20,8 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +33,7 @@ from engine_client import ROUTE_PATHS, ROUTES, Prompt, RoundResult, Sampling, Wo
     make_client, ms, percentile, run_round, send, tokenize_prompts
 from engine_procs import ROLES, CpuMeter, ServerProcesses
 from engine_report import REPO, device_tag, format_table, machine_info, plot
+from sglgym.procs import ServerProcess, free_port, start_process, stop_process, wait_healthy
 
 RESULTS_DIR = REPO / "bench" / "results"
 # 256 x (prompt + 64 tokens) fit in the KV pool; the scheduler sleeps between rounds instead of spinning a core.
@@ -73,8 +70,7 @@ class BenchConfig:
 @dataclass
 class Server:
     base_url: str
-    process: subprocess.Popen | None = None  # None: a server we did not start
-    log_path: Path | None = None
+    process: ServerProcess | None = None  # None: a server we did not start
     env: dict[str, str] = field(default_factory=dict)  # what the bench set in the server's environment
     processes: ServerProcesses | None = None  # for CPU accounting (local servers only)
 
@@ -82,53 +78,23 @@ class Server:
         return CpuMeter(self.processes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(serve_args: str, api_key: str | None, cpu: bool) -> Server:
-    port = _free_port()
+    port = free_port()
     env_set = {k: v for k, v in CPU_SERVER_ENV.items() if k not in os.environ} if cpu else {}
-    log_path = Path(tempfile.gettempdir()) / f"sglgym-bench-serve-{port}.log"
     cmd = [sys.executable, "-m", "sglgym.cli", "serve", "--port", str(port), "--log-level", "warning",
            *shlex.split(serve_args), *(["--api-key", api_key] if api_key else [])]
-    print(f"[bench] starting: {' '.join(f'{k}={v}' for k, v in env_set.items())} {shlex.join(cmd)}  "
-          f"(log: {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-                                env={**os.environ, **env_set})
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path, env=env_set)
+    proc = start_process("bench-serve", cmd, f"http://127.0.0.1:{port}", env={**os.environ, **env_set}, cwd=REPO)
+    print(f"[bench] started: {' '.join(f'{k}={v}' for k, v in env_set.items())} {shlex.join(cmd)}  "
+          f"(log: {proc.log_path})", flush=True)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sglgym serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.base_url}/health", headers=headers, timeout=2).status_code == 200:
-                server.processes = ServerProcesses.find(proc.pid)
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise TimeoutError(f"sglgym serve not healthy after {START_TIMEOUT_S:.0f}s; see {log_path}")
+    wait_healthy(proc, START_TIMEOUT_S, headers=headers)   # stops it and raises on exit / timeout
+    return Server(proc.url, proc, env=env_set, processes=ServerProcesses.find(proc.pid))
 
 
 def stop_server(server: Server) -> None:
-    """Kill the process group of the server we started (scheduler and detokenizer included), by PID."""
-    if server.process is None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(server.process.pid, sig)
-            server.process.wait(timeout=wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Kill the process tree of the server we started (scheduler and detokenizer included), by PID."""
+    if server.process is not None:
+        stop_process(server.process, grace_s=20)
 
 
 def server_info(base_url: str, api_key: str | None) -> dict:

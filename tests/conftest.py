@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from sglgym.procs import ServerProcess, free_port, start_process, stop_process, wait_healthy
 
 # Triton kernels only run on CPU under the interpreter; it is read when kernels are decorated.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,19 +21,20 @@ START_TIMEOUT_S = float(os.environ.get("SGLGYM_TEST_START_TIMEOUT", "420"))
 LOG_DIR = Path(os.environ.get("SGLGYM_TEST_LOG_DIR", "/tmp/sglgym-test-logs"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Engine:
     base_url: str          # http://127.0.0.1:PORT (no /v1)
     api_key: str | None
     model_path: str
-    process: subprocess.Popen
-    log_path: Path
+    server: ServerProcess
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.server.process
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
 
     @property
     def headers(self) -> dict:
@@ -50,42 +50,19 @@ def start_engine(name: str, extra_args: list[str] = (), api_key: str | None = AP
 
     model_path = str(build_tiny_model())
     port = free_port()
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{port}.log"
     cmd = [sys.executable, "-m", "sglgym.cli", "serve", "--model-path", model_path,
            "--tool-call-parser", "qwen25", "--served-model-name", "sglgym-tiny",
            "--port", str(port), "--max-total-tokens", "32768", "--log-level", "warning",
            *(["--api-key", api_key] if api_key else []), *extra_args]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    engine = Engine(f"http://127.0.0.1:{port}", api_key, model_path, proc, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sglgym serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{engine.base_url}/health", headers=engine.headers, timeout=2).status_code == 200:
-                return engine
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_engine(engine)
-            raise TimeoutError(f"sglgym serve not healthy after {START_TIMEOUT_S}s:\n"
-                               f"{log_path.read_text()[-4000:]}")
-        time.sleep(1)
+    server = start_process(name, cmd, f"http://127.0.0.1:{port}", log_dir=LOG_DIR)
+    engine = Engine(server.url, api_key, model_path, server)
+    wait_healthy(server, START_TIMEOUT_S, headers=engine.headers)   # stops it and raises on exit / timeout
+    return engine
 
 
 def stop_engine(engine: Engine) -> None:
-    """Kill the server's whole process group (scheduler/detokenizer children included) by PID."""
-    try:
-        os.killpg(engine.process.pid, signal.SIGTERM)
-        engine.process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(engine.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Kill the server's whole tree (scheduler/detokenizer children included) by PID."""
+    stop_process(engine.server, grace_s=20)
 
 
 @pytest.fixture(scope="session")

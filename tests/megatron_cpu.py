@@ -15,12 +15,13 @@ neutralised here, in the test process only, and undone on exit; product code nev
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 from collections.abc import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from sglgym.procs import free_port
 
 
 def _is_cuda(device) -> bool:
@@ -60,12 +61,6 @@ def _patched(obj, name: str, value) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, old)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

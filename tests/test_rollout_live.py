@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import psutil
 import pytest
 
 from rollout.helpers import wait_dead
@@ -151,14 +152,9 @@ def test_cli_starts_engine_and_envs_and_cleans_up(tmp_path):
 
 def _env_server_pids() -> set[int]:
     """Env servers, and engines the rollout CLI starts (`sglgym.cli serve --port P --api-key K`)."""
-    import re
     out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "sglgym.rollout.envs.serve" in cmd or re.search(r"sglgym\.cli serve --port \d+ --api-key", cmd):
-                out.add(int(d))
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or ())   # None where it may not be read
+        if "sglgym.rollout.envs.serve" in cmd or re.search(r"sglgym\.cli serve --port \d+ --api-key", cmd):
+            out.add(p.pid)
     return out

@@ -12,7 +12,8 @@ from conftest import start_engine, stop_engine
 from rollout.helpers import requests_served, wait_dead
 from sglgym.rollout.config import DEFAULT_CONFIG
 from sglgym.rollout import EnvFleet, collect_batch_sync, load_config, select
-from sglgym.rollout.nemo_gym import _descendants, ensure_venv, find_python312
+from sglgym.procs import descendants
+from sglgym.rollout.nemo_gym import ensure_venv, find_python312
 
 CONFIG = DEFAULT_CONFIG
 
@@ -34,7 +35,7 @@ def _run(engine, name: str, rows_n: int, group_size: int, batch_groups: int, eng
     with fleet:
         tree = set()
         for run in fleet.extra_servers:
-            tree |= _descendants(run.server.pid) | {run.server.pid}
+            tree |= descendants(run.server.pid) | {run.server.pid}
         rows = fleet[name].dataset(rows_n)
         samples, m = collect_batch_sync(fleet, urls, rows, group_size=group_size,
                                         batch_groups=batch_groups, sampling={"max_tokens": 12}, progress=False)
@@ -95,8 +96,10 @@ def test_sglgym_train_on_nemo_gym_env(nemo_gym_venv, engine, control, restore_en
     ])
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
+    failures = (out / "failures.jsonl").read_text() if (out / "failures.jsonl").exists() else ""
     for m in lines:
-        assert m["rollout_failures"] == 0 and m["samples/nemo_gym_multi_turn"] == 4   # contiguity checked per turn
+        assert m["rollout_failures"] == 0, failures[:2000]
+        assert m["samples/nemo_gym_multi_turn"] == 4   # contiguity checked per turn
         assert m["probe_ok"] and m["token_mult_prob_error"] <= 1.05
     assert control.weight_version() == "step-2"
     assert 0.0 <= summary["reward_after"] <= 1.0

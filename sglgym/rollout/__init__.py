@@ -4,9 +4,10 @@ agent loop against the engine's token route, packed into training samples with e
 from .collector import Collector, Group, collect_batch, collect_batch_sync
 from .config import AgentConfig, EnvConfig, load_config, select
 from .engines import EnginePool
+from .env import Env
 from .errors import EnvProtocolError, RolloutError
 from .samples import Sample, read_jsonl, write_jsonl
-from .spinup import Env, EnvFleet
+from .spinup import EnvFleet
 from .tokens import ContiguityError, TokenTracker
 
 __all__ = [

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import httpx
 
 from .engines import EnginePool
+from .env import Env
 from .errors import EnvProtocolError, RolloutError
 from .responses import (assistant_items, build_response, sampling_from_params, to_chat_messages, to_chat_tools,
                         tool_output_item, user_item)
 from .samples import Sample
 from .seeds import rollout_seed
-from .spinup import Env
 from .tokens import ContiguityError, TokenTracker
 from .transport import Reply, TransportError, post_json
 

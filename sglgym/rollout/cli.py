@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     n_rows = args.num_prompts or 4 * args.batch_groups
 
     if args.write_datasets:   # generators run in this process: no server needed
-        from .spinup import Env
+        from .env import Env
         for cfg in configs.values():
             path = Env(cfg, "").write_dataset(Path(args.write_datasets) / f"{cfg.name}.{args.split}.jsonl",
                                               n_rows, args.data_seed, args.split)

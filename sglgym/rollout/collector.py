@@ -22,10 +22,10 @@ import httpx
 
 from .agent import LoopOptions, RolloutJob, run_rollout
 from .engines import EnginePool
+from .env import Env
 from .errors import RolloutError
 from .metrics import batch_metrics
 from .samples import JsonlSink, Sample
-from .spinup import Env
 from .transport import make_client
 
 

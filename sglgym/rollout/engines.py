@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from sglgym.procs import free_port, start_process, wait_healthy
+
 
 @dataclass
 class EnginePool:
@@ -99,8 +101,6 @@ def router_command(worker_urls: list[str], port: int, host: str = "127.0.0.1",
 
 def start_router(worker_urls: list[str], api_key: str | None = None, timeout_s: float = 120.0):
     """Start an sglang-router subprocess (stopped like the env servers); returns its ServerProcess."""
-    from .spinup import free_port, start_process, wait_healthy
-
     port = free_port()
     server = start_process("router", router_command(worker_urls, port, api_key=api_key),
                            f"http://127.0.0.1:{port}")
@@ -113,8 +113,6 @@ def start_engine(serve_args: str, timeout_s: float):
     """Start `sglgym serve` on a free port with a fresh API key; returns (server, url, key)."""
     import secrets
     import shlex
-
-    from .spinup import free_port, start_process, wait_healthy
 
     port, key = free_port(), secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from sglgym.procs import LOG_DIR, ServerProcess, descendants, free_port, start_process, stop_tree
+
 from .config import EnvConfig
-from .spinup import LOG_DIR, Env, ServerProcess, free_port, start_process
+from .env import Env
 
 VERSION = "0.4.0"
 VENV_ROOT = Path(os.environ.get("SGLGYM_CACHE", Path.home() / ".cache" / "sglgym")) / "nemo-gym"
@@ -118,24 +120,6 @@ def _instance(configs: list[dict], name: str) -> tuple[str, str]:
     raise KeyError(f"server instance {name!r} is not in the NeMo Gym configs")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
 @dataclass
 class NemoGymRun:
     """The `gym env start` process and what it serves."""
@@ -145,31 +129,16 @@ class NemoGymRun:
 
     def stop(self, grace_s: float = 30.0) -> None:
         proc = self.server.process
-        tree = _descendants(proc.pid) | {proc.pid}
+        # Seen before the shutdown: Ray daemons leave the group, and once their parent exits they are no
+        # longer found under gym env start.
+        tree = descendants(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)          # gym env start's own shutdown: servers, Ray
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        tree |= _descendants(proc.pid)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            for pid in list(tree):                     # Ray daemons may have left the group
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    tree.discard(pid)
-            time.sleep(0.5 if sig == signal.SIGTERM else 0)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        from .spinup import _LIVE
-        _LIVE.discard(self.server)
+        stop_tree(self.server, grace_s=0.5, also=tree)   # whatever its shutdown left behind
 
 
 def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import pickle
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import torch
+
+from sglgym.procs import free_port
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -130,12 +131,6 @@ def refit_from_tensor(engine: EngineControl, named: Iterable[tuple[str, torch.Te
     return time.perf_counter() - t0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DistributedRefit:
     """Trainer side of a weight-update process group with one engine (trainer = rank 0, engine = 1..)."""
 
@@ -145,7 +140,7 @@ class DistributedRefit:
         self.engine, self.group_name = engine, group_name
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = "cuda" if self.backend == "nccl" else "cpu"
-        port = master_port or _free_port()
+        port = master_port or free_port()
         world = 1 + engine_world_size
         init = {"master_address": master_address, "master_port": port, "rank_offset": 1,
                 "world_size": world, "group_name": group_name, "backend": self.backend}

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import threading
 import time
 from contextlib import contextmanager
 
 import httpx
+import psutil
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sglgym.procs import free_port, pid_alive
 
 
 @contextmanager
@@ -120,26 +115,11 @@ def faulty_env(mode: str, delay_s: float = 0.0) -> FastAPI:
     return app
 
 
-def pid_alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def children_of(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().split(")")[-1].split()[1]) == pid:
-                        out.append(int(d))
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                pass
-    return out
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def wait_dead(pids, timeout_s: float = 15.0) -> list[int]:
