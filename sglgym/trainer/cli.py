@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="its API key")
     p.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     p.add_argument("--engine-start-timeout", type=float, default=600.0)
+    p.add_argument("--resume", metavar="OUT", default=None,
+                   help="continue the run in OUT from its last checkpoint, with its config (plus any --set); a run "
+                        "whose OUT already holds checkpoints of an unfinished run resumes by itself")
+    p.add_argument("--force", action="store_true",
+                   help="resume even when the config differs from the checkpoint's in keys that change what is trained")
     p.add_argument("--nproc", type=int, default=None,
                    help="run under torchrun with this many trainer ranks on this machine (backend fsdp); for "
                         "several nodes call torchrun yourself: torchrun --nnodes ... -m sglgym.cli train ...")
@@ -53,9 +58,16 @@ def relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
 
 
 def load(args) -> TrainConfig:
-    overrides = list(args.overrides)
+    overrides, base = list(args.overrides), None
+    if args.resume and not args.config:  # the run's own config; --set may change what may change
+        from .checkpoint import latest_checkpoint, read_trainer_state
+        last = latest_checkpoint(Path(args.resume))
+        if last is None:
+            print(f"sglgym train: --resume {args.resume}: no checkpoint in {args.resume}/checkpoints", file=sys.stderr)
+            sys.exit(2)
+        base = read_trainer_state(last)["config"]
     try:
-        cfg = load_train_config(args.config, overrides)
+        cfg = load_train_config(args.config, overrides, base=base)
     except (ValueError, TypeError) as e:
         print(f"sglgym train: bad config: {e}", file=sys.stderr)
         sys.exit(2)
@@ -68,6 +80,8 @@ def load(args) -> TrainConfig:
         cfg.engine_api_key = args.api_key
     if args.out is not None:
         cfg.out_dir = args.out
+    if args.resume:
+        cfg.out_dir = args.resume
     return cfg
 
 
@@ -111,12 +125,46 @@ def main(argv: list[str] | None = None) -> dict:
 
     ranks = init_ranks(cfg.dist_timeout_s)
     try:
-        return _train(cfg, ranks, args.engine_start_timeout)
+        resume_from = ranks.broadcast(resume_point(cfg, bool(args.resume), args.force) if ranks.main else None)
+        return _train(cfg, ranks, args.engine_start_timeout, resume_from)
     finally:
         close_ranks(ranks)
 
 
-def _train(cfg: TrainConfig, ranks, engine_start_timeout: float) -> dict:
+def resume_point(cfg: TrainConfig, explicit: bool, force: bool) -> Path | None:
+    """The checkpoint this run continues from, or None for a new run (which clears the old run's
+    checkpoints and summary from OUT). Exits with a message when the config changed or nothing is left."""
+    from .checkpoint import latest_checkpoint, read_trainer_state
+    from .config import config_diff
+
+    out = Path(cfg.out_dir)
+    last = latest_checkpoint(out)
+    finished = (out / "summary.json").exists()  # written at the end of a run; a new run removes it
+    if last is None or (finished and not explicit):
+        _clear_run(out)
+        return None
+    state = read_trainer_state(last)
+    differ = config_diff(state["config"], cfg)
+    if differ and not force:
+        print(f"sglgym train: {out} holds checkpoints of a run with another config ({', '.join(differ)} differ); "
+              f"use --force to resume anyway, or another --out", file=sys.stderr)
+        sys.exit(2)
+    if state["step"] >= cfg.steps:
+        print(f"sglgym train: {last} is step {state['step']} of steps={cfg.steps}: nothing left; raise steps "
+              f"(--set steps=N) to train further", file=sys.stderr)
+        sys.exit(2)
+    print(f"[train] resuming {out} from {last.name}" + (f" (changed: {', '.join(differ)})" if differ else ""), flush=True)
+    return last
+
+
+def _clear_run(out: Path) -> None:
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "summary.json").unlink(missing_ok=True)
+
+
+def _train(cfg: TrainConfig, ranks, engine_start_timeout: float, resume_from: Path | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from sglgym.models import build_tiny_model
@@ -125,7 +173,7 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float) -> dict:
     model_path = ranks.broadcast(model_path)  # rank 0 builds the tiny model once; the others wait for it
     if not ranks.main:
         policy = make_policy(cfg, model_path, ranks)
-        return _run(cfg, ranks, policy, engines=[], fleet=None, tokenizer=None)
+        return _run(cfg, ranks, policy, engines=[], fleet=None, tokenizer=None, resume_from=resume_from)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "config.yaml").write_text(dump(cfg))
     from sglgym.rollout.config import load_config, select
@@ -153,7 +201,7 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         # NeMo Gym envs run their own model server against the engines: they need the URLs and key
         with EnvFleet(env_configs, engine_urls=urls, api_key=cfg.engine_api_key) as fleet:
-            summary = _run(cfg, ranks, policy, engines, fleet, tokenizer)
+            summary = _run(cfg, ranks, policy, engines, fleet, tokenizer, resume_from)
     finally:
         if engine_server is not None:
             stop_process(engine_server)
@@ -161,7 +209,7 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float) -> dict:
     return summary
 
 
-def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer) -> dict:
+def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer, resume_from: Path | None = None) -> dict:
     from .grpo import GRPOTrainer
     from .refitter import Refitter
     from .rollouts import Rollouts
@@ -169,7 +217,7 @@ def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer) -> dict:
     rollouts = Rollouts(cfg, fleet, [e.base_url for e in engines], cfg.engine_api_key, Path(cfg.out_dir)) \
         if ranks.main else None
     refitter = Refitter(cfg.refit, policy, ranks, engines, Path(cfg.out_dir))
-    return GRPOTrainer(cfg, policy, ranks, refitter, rollouts, tokenizer).run()
+    return GRPOTrainer(cfg, policy, ranks, refitter, rollouts, tokenizer, resume_from).run()
 
 
 def _report(cfg: TrainConfig, summary: dict) -> None:

@@ -58,8 +58,8 @@ class TrainConfig(BaseModel):
     activation_checkpointing: bool = False
     dist_timeout_s: float = Field(1800.0, gt=0)   # every collective between trainer ranks
     # optimisation
-    steps: int = Field(200, ge=0)
-    time_budget_s: Optional[float] = Field(480.0, gt=0)  # stop GRPO early after this long (None: no limit)
+    steps: int = Field(120, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
+    time_budget_s: Optional[float] = Field(None, gt=0)  # or stop GRPO early after this long (None: no limit)
     lr: float = Field(1e-3, gt=0)
     ppo_epochs: int = Field(2, gt=0)        # optimizer steps per collected batch (verl ppo_epochs, TRL num_iterations)
     grad_clip: float = Field(1.0, gt=0)
@@ -78,9 +78,14 @@ class TrainConfig(BaseModel):
     probe_atol: float = Field(1e-4, gt=0)
     eval_rows: int = Field(128, ge=0)       # held-out rows (split "test") scored before and after GRPO ...
     eval_samples: int = Field(4, gt=0)      # ... each sampled this many times at the training temperature
-    # output
+    # output, checkpoints and tracking
     out_dir: str = "runs/latest"
     seed: int = 0
+    save_every: int = Field(25, ge=0)       # checkpoint every N GRPO steps and at the end (0: never)
+    keep_last: int = Field(2, gt=0)         # checkpoints kept
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl", "tensorboard"]  # metrics.jsonl is always written
+    wandb_project: str = "sglgym"
+    wandb_mode: Literal["online", "offline"] = "offline"   # offline: files under OUT/wandb, `wandb sync` later
 
     @field_validator("model_path", "engine_url", "engine_api_key", "serve_args", "env", "env_config", "out_dir",
                      mode="before")
@@ -141,8 +146,9 @@ def _errors(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict = {}
+def load_train_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """The YAML at `path` (or the `base` mapping, e.g. a checkpoint's config) with the overrides applied."""
+    raw: dict = dict(base or {})
     if path:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
@@ -162,6 +168,24 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
     except ValidationError as e:
         raise ValueError("loss." + _errors(e)) from None
     return cfg
+
+
+# keys a resumed run may change: where things run and how long, not what is trained
+RESUMABLE_KEYS = ("model_path", "engine_url", "engine_urls", "engine_api_key", "serve_args", "concurrency",
+                  "dist_timeout_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
+                  "save_every", "keep_last", "loggers", "wandb_project", "wandb_mode")
+
+
+def config_diff(saved: dict, current: TrainConfig) -> list[str]:
+    """Dotted keys whose value differs between a checkpoint's config and this one (resumable keys aside)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(TrainConfig(**saved).model_dump()), flat(current.model_dump())
+    return sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in RESUMABLE_KEYS and a.get(k) != b.get(k))
 
 
 def dump(cfg: TrainConfig) -> str:

@@ -12,8 +12,12 @@ step equals the single-process step on the whole batch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .policy import HFPolicy
@@ -72,3 +76,23 @@ class FSDPPolicy(HFPolicy):
         """Full weights in Hugging Face names on rank 0 (a collective: every rank calls it); [] elsewhere."""
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return [(name, t.detach()) for name, t in full.items()]
+
+    # --- checkpoints: torch.distributed.checkpoint, each rank writes its own shards ------------------
+    def _dcp_state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.reference is not None:
+            state["reference"] = get_model_state_dict(self.reference)
+        return state
+
+    def save_state(self, directory: Path) -> None:
+        """Sharded model, optimizer (and KL reference) with torch.distributed.checkpoint (a collective;
+        `directory` must be on a file system every rank sees)."""
+        dcp.save(self._dcp_state(), checkpoint_id=str(directory / "dcp"))
+
+    def load_state(self, directory: Path) -> None:
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(directory / "dcp"))  # in place, each rank reads its shards
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.reference is not None:
+            set_model_state_dict(self.reference, state["reference"])

@@ -4,7 +4,8 @@ Data flows one way: env -> rollout samples -> micro-batches -> loss -> weights -
 this loop. Rank 0 drives environments and engines (`Rollouts`) and hands each rank its token-balanced
 share of the step's samples; every rank trains on its share (`PolicyUpdate`, denominators over the
 whole step); the weights are then pushed into every engine replica (`Refitter`) and, every `probe_every`
-steps, a probe checks that each engine's logprobs equal the trainer's.
+steps, a probe checks that each engine's logprobs equal the trainer's. Every `save_every` steps (and at
+the end) a checkpoint is written; a run started with `resume_from` continues from one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 
 from .batches import split_over_ranks
+from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .policy import HFPolicy
 from .ranks import Ranks
 from .refitter import Refitter
 from .rollouts import Rollouts
+from .tracking import RunTracker
 from .update import PolicyUpdate
 from .warmup import prompt_ids, sft_warmup
 
@@ -41,18 +44,18 @@ def machine_info(device: str, world_size: int) -> dict:
 
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, policy: HFPolicy, ranks: Ranks, refitter: Refitter,
-                 rollouts: Rollouts | None, tokenizer=None):
-        """`rollouts` and `tokenizer` on rank 0 only."""
+                 rollouts: Rollouts | None, tokenizer=None, resume_from: Path | None = None):
+        """`rollouts` and `tokenizer` on rank 0 only; `resume_from`: a checkpoint directory (every rank)."""
         self.cfg, self.policy, self.ranks, self.refitter = cfg, policy, ranks, refitter
-        self.rollouts, self.tokenizer = rollouts, tokenizer
+        self.rollouts, self.tokenizer, self.resume_from = rollouts, tokenizer, resume_from
         self.loss_cfg = cfg.loss_config()
         self.update = PolicyUpdate(policy, self.loss_cfg, ppo_epochs=cfg.ppo_epochs,
                                    micro_batch_tokens=cfg.micro_batch_tokens)
         self.out = Path(cfg.out_dir)
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.checkpoints = Checkpointer(self.out, ranks, keep_last=cfg.keep_last)
+        self.tracker: RunTracker | None = None
         if ranks.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("")
 
     def step(self, step: int) -> dict:
         """One GRPO step on every rank; the step's metrics on rank 0 ({} elsewhere)."""
@@ -77,26 +80,63 @@ class GRPOTrainer:
         return {"step": step, **batch.metrics, **train, "train_s": t_train, **refit, **probe,
                 "step_s": time.perf_counter() - t0}
 
-    def log(self, metrics: dict) -> None:
+    def save(self, step: int, before: dict) -> None:
+        """A checkpoint after `step` (every rank): the policy, RNG, and what rank 0 knows of the run."""
+        t0 = time.perf_counter()
+        state = {"weight_version": self.refitter.version, "before": before, "config": self.cfg.model_dump(),
+                 "rows": self.rollouts.rows.state() if self.ranks.main else None}
+        path = self.checkpoints.save(step, self.policy, state)
         if self.ranks.main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            print(f"\n[train] checkpoint {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    def _grpo_steps(self) -> int:
+    def _fresh_start(self) -> dict:
+        """Warm-up, KL reference, probe and the evaluation before GRPO: what a run starts from."""
+        cfg, main = self.cfg, self.ranks.main
+        before: dict = {}
+        warm = sft_warmup(cfg, self.policy, self.ranks, self.rollouts.envs if main else None, self.tokenizer)
+        if warm:
+            self.refitter.refit()
+            before.update(warm)
+        if self.loss_cfg.kl_type is not None:  # KL to the policy GRPO starts from (after the warm-up)
+            self.policy.freeze_reference()
+        probe_rows = ([prompt_ids(self.tokenizer, row) for env in self.rollouts.envs.values() for row in env.dataset(2, seed=7)]
+                      if main else None)
+        before["probe_before_grpo"] = self.refitter.check_agreement(probe_rows, atol=cfg.probe_atol)
+        before["eval_before"] = self.rollouts.evaluate("before GRPO") if main else {}
+        return before
+
+    def _resume(self) -> tuple[int, dict]:
+        """Load the checkpoint into the policy, refit every engine from it, put the data cursor back."""
+        if self.loss_cfg.kl_type is not None:
+            self.policy.freeze_reference()  # a module for the saved reference to load into
+        state = self.checkpoints.load(self.resume_from, self.policy)
+        refit = self.refitter.refit(version=state["weight_version"])
+        if self.ranks.main:
+            self.rollouts.rows.load_state(state["rows"])
+            print(f"[train] resumed from {self.resume_from} (step {state['step']}); engines refit in "
+                  f"{refit['refit_s']:.2f}s", flush=True)
+        return state["step"], state["before"]
+
+    def _grpo_steps(self, first: int, before: dict) -> int:
         from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.ranks.main
         t_grpo = time.perf_counter()
-        bar = tqdm(range(1, cfg.steps + 1), desc="grpo", unit="step", dynamic_ncols=True, disable=not main)
-        done = 0
+        bar = tqdm(range(first, cfg.steps + 1), desc="grpo", unit="step", dynamic_ncols=True, disable=not main,
+                   initial=first - 1, total=cfg.steps)
+        done = first - 1
         for step in bar:
             m = self.step(step)
-            self.log(m)
+            if main:
+                self.tracker.log(m)
             done = step
             if m.get("reward_mean") is not None:
                 bar.set_postfix(reward=f"{m['reward_mean']:.2f}", mismatch=f"{m.get('token_mult_prob_error', 0):.4f}")
             over = bool(cfg.time_budget_s and time.perf_counter() - t_grpo > cfg.time_budget_s)
-            if self.ranks.broadcast(over):  # rank 0's clock decides, so every rank stops at the same step
+            over = self.ranks.broadcast(over)  # rank 0's clock decides, so every rank stops at the same step
+            if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or over):
+                self.save(step, before)
+            if over:
                 if main:
                     print(f"\n[train] time budget {cfg.time_budget_s:.0f}s reached after {step} steps", flush=True)
                 break
@@ -108,24 +148,26 @@ class GRPOTrainer:
         cfg, main = self.cfg, self.ranks.main
         t_start = time.perf_counter()
         summary: dict = {"config": cfg.model_dump(), "machine": machine_info(self.policy.device, self.ranks.world_size)}
-        warm = sft_warmup(cfg, self.policy, self.ranks, self.rollouts.envs if main else None, self.tokenizer)
-        if warm:
-            self.refitter.refit()
-            summary.update(warm)
-        if self.loss_cfg.kl_type is not None:  # KL to the policy GRPO starts from (after the warm-up)
-            self.policy.freeze_reference()
-        probe_rows = ([prompt_ids(self.tokenizer, row) for env in self.rollouts.envs.values() for row in env.dataset(2, seed=7)]
-                      if main else None)
-        summary["probe_before_grpo"] = self.refitter.check_agreement(probe_rows, atol=cfg.probe_atol)
-        before = self.rollouts.evaluate("before GRPO") if main else {}
-        summary["grpo_steps"] = self._grpo_steps()
-        after = self.rollouts.evaluate("after GRPO") if main else {}
-        self.refitter.close()
+        last_step, before = self._resume() if self.resume_from else (0, self._fresh_start())
+        if main:
+            self.tracker = RunTracker(self.out, cfg.loggers, first_step=last_step + 1, config=summary["config"],
+                                      wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode)
+        try:
+            summary["grpo_steps"] = self._grpo_steps(last_step + 1, before)
+            after = self.rollouts.evaluate("after GRPO") if main else {}
+        finally:
+            self.refitter.close()
         if not main:
             return {}
-        summary.update(reward_before=before.pop("all"), reward_after=after.pop("all"),
-                       reward_before_per_env=before, reward_after_per_env=after)
+        before = dict(before)
+        reward_before = before.pop("eval_before")
+        summary.update(before)
+        summary.update(reward_before=reward_before.pop("all"), reward_after=after.pop("all"),
+                       reward_before_per_env=reward_before, reward_after_per_env=after)
         summary["reward_gain"] = summary["reward_after"] - summary["reward_before"]
+        summary["resumed_from"] = str(self.resume_from) if self.resume_from else None
         summary["total_s"] = time.perf_counter() - t_start
+        self.tracker.summary(summary)
+        self.tracker.close()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary

@@ -13,14 +13,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from sglgym.kernels import GRPOLossConfig, grpo_loss, token_logprobs
 
 from .batches import MicroBatch, null_micro_batch
+from .hf_files import load_hf_weights, save_hf_weights
 from .ranks import Ranks
 from .totals import step_loss_config, step_totals
+
 
 @dataclass
 class OptimConfig:
@@ -196,3 +199,22 @@ class HFPolicy:
         """Weights in Hugging Face names, as the engine loads them. (Every rank calls it; under FSDP only
         rank 0 gets the tensors.)"""
         return [(n, t.detach()) for n, t in self.model.state_dict().items()]
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        """Weights as a Hugging Face model (`model/`, loadable by from_pretrained and the engine), the
+        optimizer, and the KL reference when there is one."""
+        save_hf_weights(self.named_tensors(), self.model_path, directory / "model")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if self.reference is not None:
+            save_hf_weights(list(self.reference.state_dict().items()), self.model_path, directory / "reference")
+
+    def load_state(self, directory: Path) -> None:
+        """Exactly the weights and optimizer state `save_state` wrote (call freeze_reference first if the
+        run has a KL reference)."""
+        with torch.no_grad():
+            self.model.load_state_dict(load_hf_weights(directory / "model"), strict=True)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        if self.reference is not None:
+            with torch.no_grad():
+                self.reference.load_state_dict(load_hf_weights(directory / "reference"), strict=True)

@@ -7,28 +7,13 @@ and reports seconds and GB/s.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
+from .hf_files import save_hf_weights
 from .policy import HFPolicy
 from .ranks import Ranks
 from .refit import DistributedRefit, EngineControl, probe, refit_from_tensor
-
-CONFIG_FILES = ("config.json", "generation_config.json")
-
-
-def save_hf_weights(named: list, model_path: str, out: Path) -> Path:
-    """Full weights + the model's config as a directory `/update_weights_from_disk` can load."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file({n: t.detach().cpu().contiguous().clone() for n, t in named}, str(out / "model.safetensors"))
-    for name in CONFIG_FILES:
-        if (Path(model_path) / name).exists():
-            shutil.copy(Path(model_path) / name, out / name)
-    return out
 
 
 class Refitter:
@@ -39,10 +24,11 @@ class Refitter:
         self.groups: dict[str, DistributedRefit] = {}
         self.version = 0
 
-    def refit(self) -> dict[str, float]:
-        """Push the current weights into every engine; {} on ranks other than 0."""
+    def refit(self, version: int | None = None) -> dict[str, float]:
+        """Push the current weights into every engine as weight version `step-<version>` (default: the
+        next one); {} on ranks other than 0."""
         named = self.policy.named_tensors()  # every rank: a collective under FSDP
-        self.version += 1
+        self.version = self.version + 1 if version is None else version
         if not self.ranks.main:
             return {}
         version = f"step-{self.version}"

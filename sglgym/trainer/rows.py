@@ -23,7 +23,8 @@ class RowSource:
         self.envs, self.weights, self.split, self.chunk = envs, dict(weights), split, chunk
         self._credit = {name: 0.0 for name in weights}
         self._rows: dict[str, Iterator[dict]] = {name: iter(()) for name in weights}
-        self._seed = {name: seed for name in weights}
+        self._seed = {name: seed for name in weights}   # seed of each env's next chunk
+        self._taken: dict[str, int | None] = {name: None for name in weights}  # rows used of the current chunk
         self._requeued: deque[dict] = deque()
 
     def _next_env(self) -> str:
@@ -36,10 +37,13 @@ class RowSource:
     def _fresh_row(self, name: str) -> dict:
         while True:
             try:
-                return next(self._rows[name])
+                row = next(self._rows[name])
+                self._taken[name] += 1
+                return row
             except StopIteration:  # the next seeded chunk of this env's rows
                 self._rows[name] = iter(self.envs[name].dataset(self.chunk, seed=self._seed[name], split=self.split))
                 self._seed[name] += 1
+                self._taken[name] = 0
 
     def take(self, n: int) -> list[dict]:
         """n rows: requeued ones first (in the order they were handed back), then fresh ones by weight."""
@@ -52,6 +56,24 @@ class RowSource:
 
     def requeue(self, rows: list[dict]) -> None:
         self._requeued.extendleft(reversed(rows))
+
+    def state(self) -> dict:
+        """The cursor (JSON): which rows of which env come next, the requeued rows included."""
+        return {"credit": dict(self._credit), "seed": dict(self._seed), "taken": dict(self._taken),
+                "requeued": list(self._requeued)}
+
+    def load_state(self, state: dict) -> None:
+        """Continue exactly where `state()` was taken: the same rows come out next."""
+        self._credit = {name: float(state["credit"][name]) for name in self.weights}
+        self._seed = {name: int(state["seed"][name]) for name in self.weights}
+        self._taken = {name: state["taken"][name] for name in self.weights}
+        self._requeued = deque(state["requeued"])
+        for name, taken in self._taken.items():
+            if taken is None:
+                self._rows[name] = iter(())
+            else:  # rebuild the current chunk (same seed) and skip the rows already used
+                chunk = self.envs[name].dataset(self.chunk, seed=self._seed[name] - 1, split=self.split)
+                self._rows[name] = iter(chunk[taken:])
 
     @property
     def pending(self) -> int:
