@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float, resume_from: Pa
                 serve_args += " --tool-call-parser qwen25 --served-model-name sglgym-tiny"
             engine_server, url, cfg.engine_api_key = start_engine(serve_args, engine_start_timeout)
             urls = [url]
-        engines = [EngineControl(u, cfg.engine_api_key) for u in urls]
+        engines = [EngineControl(u, cfg.engine_api_key, timeout_s=cfg.refit_timeout_s) for u in urls]
         policy = make_policy(cfg, model_path, ranks)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         # NeMo Gym envs run their own model server against the engines: they need the URLs and key

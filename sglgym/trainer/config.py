@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     sft_lr: float = Field(3e-3, gt=0)
     # refit and checks
     refit: Literal["tensor", "disk", "distributed"] = "tensor"
+    refit_timeout_s: float = Field(300.0, gt=0)   # each engine call and weight-update collective of a refit
     probe_every: int = Field(10, ge=0)      # refit probe (engine vs trainer logprobs) every N steps; 0: never
     probe_atol: float = Field(1e-4, gt=0)
     eval_rows: int = Field(128, ge=0)       # held-out rows (split "test") scored before and after GRPO ...
@@ -172,7 +173,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = (),
 
 # keys a resumed run may change: where things run and how long, not what is trained
 RESUMABLE_KEYS = ("model_path", "engine_url", "engine_urls", "engine_api_key", "serve_args", "concurrency",
-                  "dist_timeout_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
+                  "dist_timeout_s", "refit_timeout_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
                   "save_every", "keep_last", "loggers", "wandb_project", "wandb_mode")
 
 

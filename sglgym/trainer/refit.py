@@ -17,7 +17,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import httpx
@@ -29,15 +29,25 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 class RefitError(RuntimeError):
-    pass
+    """A refit step that failed or did not answer in time, naming the engine and the phase (pause, flush,
+    init_group, update, broadcast, continue, probe, close)."""
+
+    def __init__(self, engine_url: str, phase: str, detail: str):
+        super().__init__(f"refit of {engine_url}: phase {phase!r}: {detail}")
+        self.engine_url, self.phase = engine_url, phase
+
+
+PHASES = {"/pause_generation": "pause", "/flush_cache": "flush", "/continue_generation": "continue",
+          "/init_weights_update_group": "init_group", "/destroy_weights_update_group": "close",
+          "/generate": "probe"}
 
 
 @dataclass
 class EngineControl:
-    """HTTP client for one engine's control endpoints."""
+    """HTTP client for one engine's control endpoints; every call times out after `timeout_s`."""
     base_url: str
     api_key: str | None = None
-    timeout_s: float = 600.0
+    timeout_s: float = 300.0
     _client: httpx.Client | None = field(default=None, repr=False)
 
     @property
@@ -47,16 +57,27 @@ class EngineControl:
             self._client = httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s)
         return self._client
 
+    def request(self, path: str, body: dict | None = None) -> httpx.Response:
+        """POST, with a transport error or a timeout raised as a RefitError naming the phase."""
+        try:
+            return self.client.post(path, json=body or {})
+        except httpx.TimeoutException:
+            raise RefitError(self.base_url, PHASES.get(path, "update"),
+                             f"{path} did not answer within {self.timeout_s:.0f}s") from None
+        except httpx.HTTPError as e:
+            raise RefitError(self.base_url, PHASES.get(path, "update"), f"{path}: {e!r}") from None
+
     def post(self, path: str, body: dict | None = None) -> dict:
-        r = self.client.post(path, json=body or {})
+        r = self.request(path, body)
+        phase = PHASES.get(path, "update")
         if r.status_code != 200:
-            raise RefitError(f"{path} -> {r.status_code}: {r.text[:500]}")
+            raise RefitError(self.base_url, phase, f"{path} -> {r.status_code}: {r.text[:500]}")
         try:
             out = r.json()
         except ValueError:
             return {}
         if isinstance(out, dict) and out.get("success") is False:
-            raise RefitError(f"{path} failed: {out.get('message')}")
+            raise RefitError(self.base_url, phase, f"{path} failed: {out.get('message')}")
         return out if isinstance(out, dict) else {}
 
     def model_info(self) -> dict:
@@ -72,8 +93,11 @@ class EngineControl:
         try:
             self.post("/flush_cache")
             yield
-        finally:
-            self.post("/continue_generation")
+        except BaseException:
+            with suppress(RefitError):  # the first error is the one to report
+                self.post("/continue_generation")
+            raise
+        self.post("/continue_generation")
 
     @contextmanager
     def weight_update_session(self):
@@ -87,9 +111,9 @@ class EngineControl:
         """Engine logprob of every token after the first, teacher-forced (a 1-token generate per sequence)."""
         body = {"input_ids": sequences, "return_logprob": True, "logprob_start_len": 0,
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
-        r = self.client.post("/generate", json=body)
+        r = self.request("/generate", body)
         if r.status_code != 200:
-            raise RefitError(f"/generate -> {r.status_code}: {r.text[:500]}")
+            raise RefitError(self.base_url, "probe", f"/generate -> {r.status_code}: {r.text[:500]}")
         outs = r.json()
         return [[float(lp) for lp, _tid, *_ in o["meta_info"]["input_token_logprobs"][1:]] for o in outs]
 
@@ -132,36 +156,52 @@ def refit_from_tensor(engine: EngineControl, named: Iterable[tuple[str, torch.Te
 
 
 class DistributedRefit:
-    """Trainer side of a weight-update process group with one engine (trainer = rank 0, engine = 1..)."""
+    """Trainer side of a weight-update process group with one engine (trainer = rank 0, engine = 1..).
+    The group's collectives and every engine call time out after the engine's `timeout_s`."""
 
     def __init__(self, engine: EngineControl, engine_world_size: int = 1, backend: str | None = None,
                  master_address: str = "127.0.0.1", master_port: int | None = None,
                  group_name: str = "sglgym_refit"):
-        self.engine, self.group_name = engine, group_name
+        import datetime
+
+        self.engine, self.group_name, self.timeout_s = engine, group_name, engine.timeout_s
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = "cuda" if self.backend == "nccl" else "cpu"
         port = master_port or free_port()
         world = 1 + engine_world_size
         init = {"master_address": master_address, "master_port": port, "rank_offset": 1,
                 "world_size": world, "group_name": group_name, "backend": self.backend}
-        errors: list[Exception] = []
         # The engine joins inside its HTTP handler: the request must be in flight while we join.
-        thread = threading.Thread(target=self._call, args=("/init_weights_update_group", init, errors))
-        thread.start()
+        call = self._in_flight("/init_weights_update_group", init)
         from sglang.srt.utils import init_custom_process_group
-        self.group = init_custom_process_group(
-            backend=self.backend, init_method=f"tcp://{master_address}:{port}", world_size=world, rank=0,
-            group_name=group_name,
-        )
-        thread.join()
-        if errors:
-            raise RefitError(f"engine could not join the weight-update group: {errors[0]}")
-
-    def _call(self, path: str, body: dict, errors: list[Exception]) -> None:
         try:
-            self.engine.post(path, body)
-        except Exception as e:  # surfaced by the caller after join()
-            errors.append(e)
+            self.group = init_custom_process_group(
+                backend=self.backend, init_method=f"tcp://{master_address}:{port}", world_size=world, rank=0,
+                group_name=group_name, timeout=datetime.timedelta(seconds=self.timeout_s))
+        except Exception as e:  # the rendezvous timed out: the engine never joined
+            raise RefitError(engine.base_url, "init_group", f"the engine did not join the group: {e}") from None
+        self._finish(call, "init_group")
+
+    def _in_flight(self, path: str, body: dict) -> tuple[threading.Thread, list[Exception]]:
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                self.engine.post(path, body)
+            except Exception as e:  # surfaced by _finish
+                errors.append(e)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        return thread, errors
+
+    def _finish(self, call: tuple[threading.Thread, list[Exception]], phase: str) -> None:
+        thread, errors = call
+        thread.join(self.timeout_s + 5)  # the HTTP call itself times out first
+        if thread.is_alive():
+            raise RefitError(self.engine.base_url, phase, f"no answer within {self.timeout_s:.0f}s")
+        if errors:
+            raise errors[0]
 
     def update(self, named: Iterable[tuple[str, torch.Tensor]], version: str,
                bucket_bytes: int = 512 << 20) -> float:
@@ -172,14 +212,13 @@ class DistributedRefit:
                         "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                         "shapes": [list(t.shape) for _, t in bucket],
                         "group_name": self.group_name, "weight_version": version, "flush_cache": False}
-                errors: list[Exception] = []
-                thread = threading.Thread(target=self._call, args=("/update_weights_from_distributed", body, errors))
-                thread.start()
-                for _, t in bucket:  # same order as `names`: the engine receives them one by one
-                    torch.distributed.broadcast(t.detach().to(self.device).contiguous(), src=0, group=self.group)
-                thread.join()
-                if errors:
-                    raise RefitError(f"distributed update failed: {errors[0]}")
+                call = self._in_flight("/update_weights_from_distributed", body)
+                try:
+                    for _, t in bucket:  # same order as `names`: the engine receives them one by one
+                        torch.distributed.broadcast(t.detach().to(self.device).contiguous(), src=0, group=self.group)
+                except RuntimeError as e:  # the group's timeout: the engine stopped receiving
+                    raise RefitError(self.engine.base_url, "broadcast", str(e)[:500]) from None
+                self._finish(call, "update")
         return time.perf_counter() - t0
 
     def close(self) -> None:
@@ -212,7 +251,7 @@ def probe(engine: EngineControl, trainer_logprobs_fn, sequences: list[list[int]]
     diffs = []
     for e, t in zip(engine_lps, trainer_lps):
         if len(e) != len(t):
-            raise RefitError(f"probe length mismatch: engine {len(e)} vs trainer {len(t)}")
+            raise RefitError(engine.base_url, "probe", f"length mismatch: engine {len(e)} vs trainer {len(t)}")
         diffs += [abs(a - b) for a, b in zip(e, t)]
     max_d = max(diffs) if diffs else 0.0
     return ProbeResult(max_d, sum(diffs) / max(len(diffs), 1), len(diffs), max_d <= atol)
