@@ -109,12 +109,13 @@ def start_router(worker_urls: list[str], api_key: str | None = None, timeout_s: 
     return server
 
 
-def start_engine(serve_args: str, timeout_s: float):
-    """Start `sglgym serve` on a free port with a fresh API key; returns (server, url, key)."""
+def start_engine(serve_args: str, timeout_s: float, port: int | None = None, key: str | None = None):
+    """Start `sglgym serve` on `port` (default: a free one) with `key` (default: a fresh one); returns
+    (server, url, key). A restart passes the old port and key, so every client keeps its URL."""
     import secrets
     import shlex
 
-    port, key = free_port(), secrets.token_hex(16)
+    port, key = port or free_port(), key or secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "sglgym.cli", "serve", "--port", str(port), "--api-key", key,
            "--log-level", "warning", *shlex.split(serve_args)]

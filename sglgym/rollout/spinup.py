@@ -80,6 +80,19 @@ class EnvFleet:
             handle.stop()
         self.extra_servers.clear()
 
+    def restart_dead(self) -> list[str]:
+        """Restart every env server of ours that died (same port: clients keep its URL); their names."""
+        restarted = []
+        for name, env in self.envs.items():
+            if env.server is None or env.server.alive():
+                continue  # external, NeMo Gym's own (its `gym env start` is not restarted here), or alive
+            stop_process(env.server, grace_s=1)
+            port = int(env.url.rsplit(":", 1)[1])
+            env.server = start_process(f"env-{name}", env_server_command(env.config, port), env.url)
+            wait_healthy(env.server, env.config.startup_timeout_s)
+            restarted.append(name)
+        return restarted
+
     def pids(self) -> list[int]:
         return [e.server.pid for e in self.envs.values() if e.server is not None]
 

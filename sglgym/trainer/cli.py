@@ -180,6 +180,7 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float, resume_from: Pa
     from sglgym.rollout.engines import start_engine
     from sglgym.rollout.spinup import EnvFleet, stop_process
 
+    from .recovery import Recovery
     from .refit import EngineControl
 
     try:
@@ -187,9 +188,9 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float, resume_from: Pa
     except (KeyError, ValueError) as e:
         print(f"sglgym train: bad env selection: {e}", file=sys.stderr)
         sys.exit(2)
-    engine_server = None
+    recovery, engine_server = None, None
     try:
-        urls = cfg.engines()
+        urls, serve_args = cfg.engines(), ""
         if not urls:
             serve_args = f"--model-path {model_path} {cfg.serve_args}"
             if not cfg.model_path:
@@ -201,22 +202,28 @@ def _train(cfg: TrainConfig, ranks, engine_start_timeout: float, resume_from: Pa
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         # NeMo Gym envs run their own model server against the engines: they need the URLs and key
         with EnvFleet(env_configs, engine_urls=urls, api_key=cfg.engine_api_key) as fleet:
-            summary = _run(cfg, ranks, policy, engines, fleet, tokenizer, resume_from)
+            recovery = Recovery(urls, cfg.engine_api_key, fleet, engine_server, serve_args, engine_start_timeout,
+                                cfg.engine_wait_s)
+            summary = _run(cfg, ranks, policy, engines, fleet, tokenizer, resume_from, recovery)
     finally:
-        if engine_server is not None:
-            stop_process(engine_server)
+        server = recovery.engine_server if recovery is not None else engine_server  # restarts replace it
+        if server is not None:
+            stop_process(server)
     _report(cfg, summary)
     return summary
 
 
-def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer, resume_from: Path | None = None) -> dict:
+def _run(cfg: TrainConfig, ranks, policy, engines, fleet, tokenizer, resume_from: Path | None = None,
+         recovery=None) -> dict:
     from .grpo import GRPOTrainer
     from .refitter import Refitter
     from .rollouts import Rollouts
 
-    rollouts = Rollouts(cfg, fleet, [e.base_url for e in engines], cfg.engine_api_key, Path(cfg.out_dir)) \
-        if ranks.main else None
+    rollouts = Rollouts(cfg, fleet, [e.base_url for e in engines], cfg.engine_api_key, Path(cfg.out_dir),
+                        recovery) if ranks.main else None
     refitter = Refitter(cfg.refit, policy, ranks, engines, Path(cfg.out_dir))
+    if ranks.main and recovery is not None:
+        refitter.recover = recovery.after_failures
     return GRPOTrainer(cfg, policy, ranks, refitter, rollouts, tokenizer, resume_from).run()
 
 

@@ -58,7 +58,7 @@ class TrainConfig(BaseModel):
     activation_checkpointing: bool = False
     dist_timeout_s: float = Field(1800.0, gt=0)   # every collective between trainer ranks
     # optimisation
-    steps: int = Field(120, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
+    steps: int = Field(140, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
     time_budget_s: Optional[float] = Field(None, gt=0)  # or stop GRPO early after this long (None: no limit)
     lr: float = Field(1e-3, gt=0)
     ppo_epochs: int = Field(2, gt=0)        # optimizer steps per collected batch (verl ppo_epochs, TRL num_iterations)
@@ -75,6 +75,7 @@ class TrainConfig(BaseModel):
     # refit and checks
     refit: Literal["tensor", "disk", "distributed"] = "tensor"
     refit_timeout_s: float = Field(300.0, gt=0)   # each engine call and weight-update collective of a refit
+    engine_wait_s: float = Field(120.0, gt=0)     # an external engine that stops answering: wait this long, then stop
     probe_every: int = Field(10, ge=0)      # refit probe (engine vs trainer logprobs) every N steps; 0: never
     probe_atol: float = Field(1e-4, gt=0)
     eval_rows: int = Field(128, ge=0)       # held-out rows (split "test") scored before and after GRPO ...
@@ -173,7 +174,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = (),
 
 # keys a resumed run may change: where things run and how long, not what is trained
 RESUMABLE_KEYS = ("model_path", "engine_url", "engine_urls", "engine_api_key", "serve_args", "concurrency",
-                  "dist_timeout_s", "refit_timeout_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
+                  "dist_timeout_s", "refit_timeout_s", "engine_wait_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
                   "save_every", "keep_last", "loggers", "wandb_project", "wandb_mode")
 
 

@@ -60,7 +60,7 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         """One GRPO step on every rank; the step's metrics on rank 0 ({} elsewhere)."""
         t0 = time.perf_counter()
-        batch = self.rollouts.step_batch(step) if self.ranks.main else None
+        batch = self._collect(step)
         shares = None
         if self.ranks.main and batch.samples:
             shares = self.ranks.per_rank(split_over_ranks(batch.samples, batch.advantages, self.ranks.dp_size))
@@ -79,6 +79,29 @@ class GRPOTrainer:
             return {}
         return {"step": step, **batch.metrics, **train, "train_s": t_train, **refit, **probe,
                 "step_s": time.perf_counter() - t0}
+
+    def _collect(self, step: int):
+        """Rank 0 collects the step's batch (None elsewhere). An engine restarted on the way is refit by
+        every rank (the weights are gathered collectively) before the step is collected again; an external
+        engine that stays down ends the run with a checkpoint of the last finished step."""
+        from .recovery import EngineLost
+
+        while True:
+            status, batch = "ok", None
+            if self.ranks.main:
+                try:
+                    batch = self.rollouts.step_batch(step)
+                    status = "refit" if batch.refit_needed else "ok"
+                except EngineLost as e:
+                    status, lost = "lost", e
+            status = self.ranks.broadcast(status)
+            if status == "ok":
+                return batch
+            if status == "lost":
+                if self.cfg.save_every and step > 1:
+                    self.save(step - 1, self.before)
+                raise lost if self.ranks.main else RuntimeError("rank 0 lost its engines; see its error")
+            self.refitter.refit(version=self.refitter.version)
 
     def save(self, step: int, before: dict) -> None:
         """A checkpoint after `step` (every rank): the policy, RNG, and what rank 0 knows of the run."""
@@ -149,6 +172,7 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         summary: dict = {"config": cfg.model_dump(), "machine": machine_info(self.policy.device, self.ranks.world_size)}
         last_step, before = self._resume() if self.resume_from else (0, self._fresh_start())
+        self.before = before
         if main:
             self.tracker = RunTracker(self.out, cfg.loggers, first_step=last_step + 1, config=summary["config"],
                                       wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode)

@@ -60,7 +60,11 @@ class EngineControl:
     def request(self, path: str, body: dict | None = None) -> httpx.Response:
         """POST, with a transport error or a timeout raised as a RefitError naming the phase."""
         try:
-            return self.client.post(path, json=body or {})
+            try:
+                return self.client.post(path, json=body or {})
+            except (httpx.RemoteProtocolError, httpx.ConnectError):
+                self.close()  # a pooled connection to an engine process that is gone: once more, afresh
+                return self.client.post(path, json=body or {})
         except httpx.TimeoutException:
             raise RefitError(self.base_url, PHASES.get(path, "update"),
                              f"{path} did not answer within {self.timeout_s:.0f}s") from None

@@ -8,12 +8,13 @@ and reports seconds and GB/s.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .hf_files import save_hf_weights
 from .policy import HFPolicy
 from .ranks import Ranks
-from .refit import DistributedRefit, EngineControl, probe, refit_from_tensor
+from .refit import DistributedRefit, EngineControl, RefitError, probe, refit_from_tensor
 
 
 class Refitter:
@@ -23,6 +24,22 @@ class Refitter:
         self.path, self.policy, self.ranks, self.engines, self.out_dir = path, policy, ranks, engines, out_dir
         self.groups: dict[str, DistributedRefit] = {}
         self.version = 0
+        self.recover: Callable[[], bool] | None = None   # rank 0: restarts a dead engine (trainer/recovery.py)
+        self._last: tuple | None = None                  # rank 0: what the last refit pushed, for a restarted engine
+
+    def _with_recovery(self, engine: EngineControl, push: Callable[[], object]):
+        """Run `push`; if the engine fails and `recover` restarts it, run it once more on the new engine."""
+        try:
+            return push()
+        except RefitError as e:
+            if self.recover is None or not self.recover():
+                raise
+            print(f"[train] {e}: engine restarted, retrying", flush=True)
+            self.groups.pop(engine.base_url, None)   # the new engine process is in no group yet
+            engine.close()
+            if self._last is not None:  # it starts from the base weights: give it the current ones first
+                self._push(engine, *self._last)
+            return push()
 
     def refit(self, version: int | None = None) -> dict[str, float]:
         """Push the current weights into every engine as weight version `step-<version>` (default: the
@@ -33,22 +50,27 @@ class Refitter:
             return {}
         version = f"step-{self.version}"
         t0 = time.perf_counter()
+        weights_dir = None
         if self.path == "disk":
             weights_dir = save_hf_weights(named, self.policy.model_path, self.out_dir / "refit-weights")
+        self._last = None
         for engine in self.engines:
-            if self.path == "disk":
-                with engine.paused():
-                    engine.post("/update_weights_from_disk", {"model_path": str(weights_dir), "weight_version": version})
-            elif self.path == "distributed":
-                if engine.base_url not in self.groups:
-                    self.groups[engine.base_url] = DistributedRefit(
-                        engine, group_name=f"sglgym_refit_{len(self.groups)}")
-                self.groups[engine.base_url].update(named, version)
-            else:
-                refit_from_tensor(engine, named, version)
+            self._with_recovery(engine, lambda: self._push(engine, named, version, weights_dir))
+        self._last = (named, version, weights_dir)
         seconds = time.perf_counter() - t0
         gb = sum(t.numel() * t.element_size() for _, t in named) / 1e9
         return {"refit_s": seconds, "refit_gb": gb * len(self.engines), "refit_gb_per_s": gb * len(self.engines) / max(seconds, 1e-9)}
+
+    def _push(self, engine: EngineControl, named: list, version: str, weights_dir: Path | None) -> None:
+        if self.path == "disk":
+            with engine.paused():
+                engine.post("/update_weights_from_disk", {"model_path": str(weights_dir), "weight_version": version})
+        elif self.path == "distributed":
+            if engine.base_url not in self.groups:
+                self.groups[engine.base_url] = DistributedRefit(engine, group_name=f"sglgym_refit_{len(self.groups)}")
+            self.groups[engine.base_url].update(named, version)
+        else:
+            refit_from_tensor(engine, named, version)
 
     def check_agreement(self, sequences: list[list[int]] | None, atol: float = 1e-4) -> dict:
         """Every rank calls it (the trainer's scoring is a collective under FSDP); rank 0 compares the
@@ -59,7 +81,7 @@ class Refitter:
             return {}
         worst, ok = 0.0, True
         for engine in self.engines:
-            result = probe(engine, lambda _seqs: trainer_lps, sequences, atol=atol)
+            result = self._with_recovery(engine, lambda: probe(engine, lambda _seqs: trainer_lps, sequences, atol=atol))
             print(f"[train] {engine.base_url}: {result}", flush=True)
             worst, ok = max(worst, result.max_abs_diff), ok and result.ok
         if not ok:

@@ -27,6 +27,7 @@ class StepBatch:
     samples: list[Sample]
     advantages: list[float]
     metrics: dict = field(default_factory=dict)
+    refit_needed: bool = False   # an engine was restarted: refit it, then collect the step again
 
 
 def rollout_metrics(rmetrics: dict) -> dict:
@@ -42,8 +43,11 @@ def rollout_metrics(rmetrics: dict) -> dict:
 
 
 class Rollouts:
-    def __init__(self, cfg: TrainConfig, fleet, engine_urls: list[str], api_key: str | None, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, fleet, engine_urls: list[str], api_key: str | None, out_dir: Path,
+                 recovery=None):
         self.cfg, self.fleet, self.engine_urls, self.api_key = cfg, fleet, engine_urls, api_key
+        self.recovery = recovery            # restarts dead engines / env servers (trainer/recovery.py)
+        self.rollouts_resubmitted = 0
         self.envs = {name: fleet[name] for name in cfg.env_weights()}
         self.rows = RowSource(self.envs, cfg.env_weights(), seed=cfg.seed)
         self.failures_path = out_dir / "failures.jsonl"  # every failed rollout, with its stage and error
@@ -56,15 +60,32 @@ class Rollouts:
             concurrency=cfg.concurrency, dynamic_sampling=dynamic, api_key=self.api_key, progress=False,
             group_id_offset=offset, requeue=requeue)
 
-    def step_batch(self, step: int) -> StepBatch:
-        """The step's groups (dynamic sampling keeps those with reward signal) and their advantages."""
+    def step_batch(self, step: int, attempts: int = 3) -> StepBatch:
+        """The step's groups (dynamic sampling keeps those with reward signal) and their advantages. When
+        rollouts failed because an engine or env server died, it is restarted and the step's rows are
+        collected again (an engine restart returns first with `refit_needed`: the caller refits it)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        rows = self.rows.take(int(cfg.batch_groups * (2 if cfg.dynamic_sampling else 1)))
-        samples, rmetrics = self.collect(rows, cfg.group_size, cfg.batch_groups, cfg.dynamic_sampling,
-                                         offset=step * 100_000, requeue=self.rows.requeue)
-        self._log_failures(step, rmetrics.get("failures", []))
+        for attempt in range(attempts):
+            cursor = self.rows.state()
+            rows = self.rows.take(int(cfg.batch_groups * (2 if cfg.dynamic_sampling else 1)))
+            samples, rmetrics = self.collect(rows, cfg.group_size, cfg.batch_groups, cfg.dynamic_sampling,
+                                             offset=step * 100_000, requeue=self.rows.requeue)
+            failures = rmetrics.get("failures", [])
+            self._log_failures(step, failures)
+            if not failures or self.recovery is None or attempt == attempts - 1:
+                break
+            envs_before = self.recovery.env_restarts
+            engine_restarted = self.recovery.after_failures()
+            if not engine_restarted and self.recovery.env_restarts == envs_before:
+                break  # nothing died: the failures are the rollouts' own
+            self.rows.load_state(cursor)  # the same rows again
+            self.rollouts_resubmitted += len(failures)
+            if engine_restarted:
+                return StepBatch([], [], {}, refit_needed=True)
         metrics = {**rollout_metrics(rmetrics), "gen_s": time.perf_counter() - t0}
+        if self.recovery is not None:
+            metrics.update(self.recovery.metrics(), rollouts_resubmitted=self.rollouts_resubmitted)
         if not samples:
             return StepBatch([], [], {**metrics, "skipped": "no group with reward signal"})
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
