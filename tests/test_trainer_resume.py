@@ -132,3 +132,17 @@ def test_resume_names_the_differing_keys(tmp_path, capsys):
                                                      "--set", "loss.eps_high=0.3"])), False, False)
     err = capsys.readouterr().err
     assert "loss.eps_high, lr differ" in err and "--force" in err
+
+
+def test_megatron_checkpoint_restores_the_trainer_exactly(tiny_model_path, tmp_path):
+    """TP=2 on 2 ranks: each rank's shard and optimizer state come back (resume on the same layout)."""
+    from transformers import AutoConfig
+
+    torch.save(synthetic_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size), tmp_path / "batch.pt")
+    run_torchrun("megatron_checkpoint.py", 2, ["--model", tiny_model_path, "--batch", str(tmp_path / "batch.pt"),
+                                               "--loss-agg", "token-mean", "--dir", str(tmp_path / "run"),
+                                               "--out", str(tmp_path / "found.pt")])
+    found = torch.load(tmp_path / "found.pt", weights_only=False)
+    assert found["second_step_moved"] > 1e-5
+    assert found["weights_equal"] == found["names"] and found["next_step_equal"] == found["names"]
+    assert {"megatron-rank0.pt", "megatron-rank1.pt", "trainer_state.json"} <= set(found["files"])

@@ -11,6 +11,7 @@ Pipeline parallelism is not wired (the plug's loss needs whole sequences on the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -126,6 +127,29 @@ class MegatronPolicy(HFPolicy):
         self._step()
         total, n = reported["loss"]
         return total / max(n, 1.0)
+
+    # --- checkpoints: each rank keeps its own shards (resume on the same TP x DP layout) ----------------
+    def _rank_file(self, directory: Path) -> Path:
+        return directory / f"megatron-rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
+
+    def _distributed_optimizer(self) -> bool:
+        return any(getattr(o, "ddp_config", None) is not None and o.ddp_config.use_distributed_optimizer
+                   for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def save_state(self, directory: Path) -> None:
+        """This rank's model shard and optimizer state; with the distributed optimizer also its parameter
+        state (Adam moments, fp32 main weights), gathered over the data-parallel ranks by megatron."""
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   self._rank_file(directory))
+        if self._distributed_optimizer():
+            self.optimizer.save_parameter_state(str(directory / "megatron-optimizer-params.pt"))
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(self._rank_file(directory), weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self._distributed_optimizer():
+            self.optimizer.load_parameter_state(str(directory / "megatron-optimizer-params.pt"))
 
     def freeze_reference(self) -> None:
         raise NotImplementedError("a KL reference policy is not wired for backend megatron (use hf or fsdp)")
