@@ -64,3 +64,34 @@ def test_env_server_killed_mid_run_is_restarted(tmp_path):
     assert "env server 'arithmetic' died: restarted" in output
     assert lines[-1]["env_restarts"] == 1 and lines[-1]["engine_restarts"] == 0
     assert all(m["samples"] == 8 for m in lines)   # every step trained on a full batch
+
+
+def test_external_engine_that_stays_down_stops_the_run_with_a_checkpoint(tmp_path):
+    """An engine given with --engine-url is not ours to restart: wait `engine_wait_s`, then stop with a clear
+    error (exit 3) and a checkpoint of the last finished step, from which `--resume` continues."""
+    from conftest import start_engine, stop_engine
+
+    from sglgym.trainer.checkpoint import checkpoint_dirs
+
+    external = start_engine("external")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sglgym.cli", "train", "--out", str(out), "--engine-url", external.base_url,
+           "--api-key", external.api_key, "--set", "engine_wait_s=3"]
+    for s in SETS:
+        cmd += ["--set", s.replace("save_every=0", "save_every=10")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 900
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        stop_engine(external)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_engine(external)
+    assert proc.returncode == 3, output[-3000:]
+    assert f"engine(s) ['{external.base_url}'] did not answer /health for 3s" in output and "--resume" in output
+    last = checkpoint_dirs(out)[-1].name
+    assert last in ("step-2", "step-3")   # the step before the one that found the engine gone

@@ -123,10 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .ranks import close_ranks, init_ranks
 
+    from .recovery import EngineLost
+
     ranks = init_ranks(cfg.dist_timeout_s)
     try:
         resume_from = ranks.broadcast(resume_point(cfg, bool(args.resume), args.force) if ranks.main else None)
         return _train(cfg, ranks, args.engine_start_timeout, resume_from)
+    except EngineLost as e:
+        print(f"sglgym train: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         close_ranks(ranks)
 
