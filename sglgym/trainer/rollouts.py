@@ -76,7 +76,11 @@ class Rollouts:
             if not failures or self.recovery is None or attempt == attempts - 1:
                 break
             envs_before = self.recovery.env_restarts
-            engine_restarted = self.recovery.after_failures()
+            try:
+                engine_restarted = self.recovery.after_failures()
+            except Exception:
+                self.rows.load_state(cursor)  # a checkpoint taken now hands these rows out again
+                raise
             if not engine_restarted and self.recovery.env_restarts == envs_before:
                 break  # nothing died: the failures are the rollouts' own
             self.rows.load_state(cursor)  # the same rows again
