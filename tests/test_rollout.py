@@ -369,3 +369,37 @@ def test_interrupted_parent_leaves_no_process(sig, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_break_in_nemo_gym_history_splits_the_rollout():
+    """Measured with NeMo Gym 0.4.0's multi-turn agent (1 of 392 rollouts of the tiny model): a turn that
+    generated only the turn-end token leaves no assistant message, so the next prompt drops it. Strict
+    tracking fails the rollout; NeMo Gym's path splits it there and trains each segment on its own."""
+    import torch
+
+    from sglgym.trainer.batches import make_micro_batches, segments
+
+    turn1_prompt, turn1_gen = [1, 40, 41, 2, 201, 1, 315, 201], [2]          # generated: the turn end only
+    turn2_prompt = [1, 40, 41, 2, 201, 1, 320, 201, 48, 2, 201, 1, 315, 201]  # a user turn; no assistant message
+    strict = TokenTracker()
+    strict.add_turn(turn1_prompt, turn1_gen, [-0.5])
+    with pytest.raises(ContiguityError, match="turn 1"):
+        strict.add_turn(turn2_prompt, [60, 2], [-1.0, -0.1])
+
+    split = TokenTracker(split_on_break=True)
+    split.add_turn(turn1_prompt, turn1_gen, [-0.5])
+    split.add_turn(turn2_prompt, [60, 2], [-1.0, -0.1])
+    split.add_turn(turn2_prompt + [60, 2, 201, 7], [61], [-2.0])                # contiguous again: same segment
+    sample = split.to_sample(reward=1.0, group_id=0, prompt_index=0, truncated=False, env="e", engine_url="")
+    sample.validate()
+    assert sample.segment_starts == [9] and sample.num_turns == 3
+    first, second = segments(sample)
+    assert first.token_ids == turn1_prompt + turn1_gen and first.loss_mask == [0] * 8 + [1]
+    assert second.token_ids == turn2_prompt + [60, 2, 201, 7, 61]
+    assert second.turn_spans == [(14, 16), (18, 19)] and sum(second.loss_mask) == 3
+    # the trainer packs the two segments as two sequences with the rollout's advantage
+    together = make_micro_batches([sample], [0.7])
+    apart = make_micro_batches([first, second], [0.7, 0.7])
+    assert len(together) == len(apart) == 1
+    for key in ("target_ids", "loss_mask", "gen_logprobs", "advantages", "cu_seqlens", "input_ids"):
+        assert torch.equal(getattr(together[0], key), getattr(apart[0], key)), key

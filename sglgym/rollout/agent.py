@@ -234,7 +234,9 @@ async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opt
     if not turns:
         raise EnvProtocolError(f"env {env.name!r} /run output carries no generation_token_ids: is the model "
                                "server configured with return_token_id_information: true?", env.url)
-    tracker = TokenTracker(opts.decode)
+    # NeMo Gym's agent builds each turn's prompt itself: where it drops part of the history (an empty
+    # generation's message, a template that removes earlier reasoning) the rollout is split there
+    tracker = TokenTracker(opts.decode, split_on_break=True)
     for i, (prompt, gen, lps) in enumerate(turns):
         try:
             tracker.add_turn(prompt, gen, lps)

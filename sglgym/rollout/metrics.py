@@ -39,6 +39,7 @@ def batch_metrics(samples: list[Sample], *, wall_s: float, finished: list[Sample
         "rollouts_finished": len(finished),
         "rollouts_failed": len(failures),
         "failure_stages": dict(Counter(f["stage"] for f in failures)),
+        "rollouts_split": sum(1 for s in finished if s.segment_starts),   # split at a break in the history
         "reward_mean": _mean(rewards),
         "reward_std": _std(rewards),
         "reward_mean_finished": _mean(s.reward for s in finished),  # before the dynamic-sampling filter

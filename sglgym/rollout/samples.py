@@ -28,6 +28,9 @@ class Sample:
     env: str
     engine_url: str
     meta: dict = field(default_factory=dict)
+    # where a new, independent sequence starts: a turn whose prompt dropped what came before (a template
+    # that rewrites history) splits the rollout there; the trainer scores each segment on its own
+    segment_starts: list[int] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:

@@ -39,25 +39,32 @@ def contiguity_diff(seen: Sequence[int], prompt: Sequence[int], turn: int,
 class TokenTracker:
     """Accumulates one rollout's ids turn by turn into a packed sequence with a loss mask."""
 
-    def __init__(self, decode: Callable[[list[int]], str] | None = None):
-        self.decode = decode
+    def __init__(self, decode: Callable[[list[int]], str] | None = None, split_on_break: bool = False):
+        """`split_on_break`: a turn whose prompt does not extend what was seen starts a new segment (the
+        sample's `segment_starts`) instead of failing the rollout."""
+        self.decode, self.split_on_break = decode, split_on_break
         self.token_ids: list[int] = []
         self.loss_mask: list[int] = []
         self.logprobs: list[float] = []
         self.spans: list[tuple[int, int]] = []
+        self.segment_starts: list[int] = []
 
     @property
     def num_turns(self) -> int:
         return len(self.spans)
 
     def add_turn(self, prompt_ids: Sequence[int], gen_ids: Sequence[int], gen_logprobs: Sequence[float]) -> None:
-        n = len(self.token_ids)
-        if list(prompt_ids[:n]) != self.token_ids:
-            raise ContiguityError(contiguity_diff(self.token_ids, prompt_ids, self.num_turns, self.decode))
+        start = self.segment_starts[-1] if self.segment_starts else 0
+        seen = self.token_ids[start:]      # the current segment: what this turn's prompt must extend
         if len(gen_logprobs) != len(gen_ids):
             raise ContiguityError(f"turn {self.num_turns}: {len(gen_ids)} generated ids but "
                                   f"{len(gen_logprobs)} logprobs")
-        new_prompt = list(prompt_ids[n:])  # template tail: environment/tool/user text (not trained on)
+        if list(prompt_ids[:len(seen)]) != seen:
+            if not self.split_on_break:
+                raise ContiguityError(contiguity_diff(seen, prompt_ids, self.num_turns, self.decode))
+            self.segment_starts.append(len(self.token_ids))
+            seen = []
+        new_prompt = list(prompt_ids[len(seen):])  # template tail: environment/tool/user text (not trained on)
         self.token_ids += new_prompt
         self.loss_mask += [0] * len(new_prompt)
         self.logprobs += [0.0] * len(new_prompt)
@@ -70,4 +77,4 @@ class TokenTracker:
     def to_sample(self, **fields) -> Sample:
         return Sample(token_ids=list(self.token_ids), loss_mask=list(self.loss_mask),
                       gen_logprobs=list(self.logprobs), turn_spans=list(self.spans),
-                      num_turns=self.num_turns, **fields)
+                      num_turns=self.num_turns, segment_starts=list(self.segment_starts), **fields)

@@ -14,7 +14,7 @@ A micro-batch holds the sequences twice over:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -94,15 +94,30 @@ def make_micro_batch(samples: Sequence[Sample], advantages: Sequence[float], sam
     )
 
 
+def segments(sample: Sample) -> list[Sample]:
+    """The independent sequences of a sample: itself, or one per segment of a rollout split at a break."""
+    if not sample.segment_starts:
+        return [sample]
+    bounds = [0, *sample.segment_starts, len(sample.token_ids)]
+    return [replace(sample, token_ids=sample.token_ids[a:b], loss_mask=sample.loss_mask[a:b],
+                    gen_logprobs=sample.gen_logprobs[a:b], segment_starts=[],
+                    turn_spans=[(s - a, e - a) for s, e in sample.turn_spans if a <= s < b])
+            for a, b in zip(bounds, bounds[1:])]
+
+
 def make_micro_batches(samples: Sequence[Sample], advantages: Sequence[float], max_tokens: int = 4096,
                        pad_id: int = 0) -> list[MicroBatch]:
     """Split a step's samples into micro-batches of at most `max_tokens` padded tokens (B * L_max).
 
     Samples are sorted by length first so padding stays small; a sample longer than `max_tokens` gets a
-    micro-batch of its own.
+    micro-batch of its own. A rollout split at a break trains as one sequence per segment, each with the
+    rollout's advantage.
     """
     if len(samples) != len(advantages):
         raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
+    if any(s.segment_starts for s in samples):
+        pairs = [(seg, adv) for s, adv in zip(samples, advantages) for seg in segments(s)]
+        samples, advantages = [p[0] for p in pairs], [p[1] for p in pairs]
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
     batches, current = [], []
     for i in order:

@@ -33,7 +33,8 @@ class StepBatch:
 def rollout_metrics(rmetrics: dict) -> dict:
     failures = rmetrics.get("failures", [])
     out = {"groups_filtered": rmetrics.get("groups_filtered", 0), "rollout_failures": len(failures),
-           "rows_requeued": rmetrics.get("rows_requeued", 0), "truncation_rate": rmetrics.get("truncation_rate", 0.0),
+           "rows_requeued": rmetrics.get("rows_requeued", 0), "rollouts_split": rmetrics.get("rollouts_split", 0),
+           "truncation_rate": rmetrics.get("truncation_rate", 0.0),
            "reward_mean": rmetrics.get("reward_mean_finished")}
     if failures:
         out["rollout_failures_by_stage"] = dict(Counter(f["stage"] for f in failures))
