@@ -74,9 +74,12 @@ def start_process(name: str, cmd: list[str], url: str, env: dict | None = None,
     log_dir = LOG_DIR if log_dir is None else Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}.log"
+    # PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process: a server started from a
+    # worker thread would be SIGTERMed as soon as that thread ends. There, only atexit/teardown stops it.
+    die_with_parent = _die_with_parent if threading.current_thread() is threading.main_thread() else None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=cwd, preexec_fn=_die_with_parent)
+                                start_new_session=True, env=env, cwd=cwd, preexec_fn=die_with_parent)
     server = ServerProcess(name, url, proc, log_path)
     _LIVE.add(server)
     return server

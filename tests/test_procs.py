@@ -86,3 +86,24 @@ def test_free_port_is_bindable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
     assert 0 < port < 65536
+
+
+def test_a_server_started_from_a_worker_thread_outlives_the_thread():
+    """PR_SET_PDEATHSIG is tied to the forking thread: set from a worker thread it would kill the server
+    when that thread ends (seen: two engine replicas booted in parallel threads died on their first request)."""
+    import threading
+
+    from sglgym.procs import pid_alive, start_process, stop_process
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(
+        start_process("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], "http://127.0.0.1:1")))
+    t.start()
+    t.join()
+    time.sleep(1.0)   # the kernel signals right when the thread exits
+    server = box[0]
+    try:
+        assert server.alive() and pid_alive(server.pid)
+    finally:
+        stop_process(server, grace_s=2)
+    assert not server.alive()

@@ -71,3 +71,15 @@ def test_engine_that_never_joins_the_group_raises_init_group(spare_engine):
         DistributedRefit(control, group_name="sglgym_never_joins")
     assert e.value.phase == "init_group" and e.value.engine_url == spare_engine.base_url
     control.close()
+
+
+def test_refit_after_a_trainer_killed_mid_refit(control, restore_engine):
+    """A trainer SIGKILLed inside a refit leaves the engine paused with its weight-update session open; the
+    next trainer's refit (a resumed run's first step) closes that session, updates, and the engine serves."""
+    base = restore_engine
+    control.post("/pause_generation", {"mode": "retract"})
+    control.post("/begin_weight_update")                       # ... and the trainer died here
+    refit_from_tensor(control, base.named_tensors(), "after-kill")
+    assert control.weight_version() == "after-kill"
+    scores = control.score([[1, 5, 9, 13]])                    # generation was continued
+    assert len(scores[0]) == 3

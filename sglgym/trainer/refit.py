@@ -105,7 +105,14 @@ class EngineControl:
 
     @contextmanager
     def weight_update_session(self):
-        self.post("/begin_weight_update")
+        try:
+            self.post("/begin_weight_update")
+        except RefitError as e:
+            if "already open" not in str(e):
+                raise
+            # a trainer killed mid-refit left its session open (and the engine paused: `paused` continues it)
+            self.post("/end_weight_update")
+            self.post("/begin_weight_update")
         try:
             yield
         finally:
