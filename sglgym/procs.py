@@ -85,9 +85,10 @@ def start_process(name: str, cmd: list[str], url: str, env: dict | None = None,
     return server
 
 
-def _answers(url: str, headers: dict | None) -> bool:
+def answers(url: str, headers: dict | None = None, timeout_s: float = 2.0) -> bool:
+    """GET `url` answers 200 within `timeout_s`."""
     try:
-        return httpx.get(url, headers=headers, timeout=2).status_code == 200
+        return httpx.get(url, headers=headers, timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -101,7 +102,7 @@ def wait_healthy(server: ServerProcess, timeout_s: float, path: str = "/health",
             stop_process(server)
             raise RuntimeError(f"{server.name} exited with code {server.process.returncode} before it was "
                                f"healthy; log {server.log_path}:\n{server.log_tail()}")
-        if _answers(server.url + path, headers):
+        if answers(server.url + path, headers):
             return
         if time.monotonic() > deadline:
             stop_process(server)

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import time
 
-import httpx
-
 
 class EngineLost(RuntimeError):
     pass
 
 
 def _healthy(url: str, api_key: str | None) -> bool:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        return httpx.get(f"{url}/health", headers=headers, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+    from sglgym.procs import answers
+
+    return answers(f"{url}/health", {"Authorization": f"Bearer {api_key}"} if api_key else None, timeout_s=5.0)
 
 
 class Recovery:
