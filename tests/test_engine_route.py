@@ -189,7 +189,17 @@ BAD = [
     ({"temperature": "hot"}, "user", "temperature"),
     ({"tools": [{"type": "function"}]}, "user", "tools[0]"),
     ({"tool_choice": "required"}, "user", "tool_choice"),
-    ({"stream": True}, "user", "stream"),
+    ({"stream": "yes"}, "user", "stream"),
+    ({"functions": [{"name": "f"}]}, "user", "functions"),
+    ({"best_of": 3}, "user", "best_of"),
+    ({"logit_bias": {"abc": 1}}, "user", "logit_bias"),
+    ({"logit_bias": {"5": 1000}}, "user", "logit_bias"),
+    ({"min_tokens": -1}, "user", "min_tokens"),
+    ({"response_format": {"type": "yaml"}}, "user", "response_format.type"),
+    ({"required_prefix_token_ids": [1, 2]}, "user", "required_prefix_token_ids"),
+    ({"no_lps": True}, "carried", "messages[1].generation_log_probs"),
+    ("deep", None, "body"),
+    ("surrogate", None, "body"),
     ({"ignore_eos": "yes please"}, "user", "ignore_eos"),
     ({"gen_ids": [1.5]}, "carried", "messages[1].generation_token_ids[0]"),
     ({"gen_ids": [-1]}, "carried", "messages[1].generation_token_ids[0]"),
@@ -204,6 +214,10 @@ BAD = [
 def test_bad_input_is_a_400_naming_the_field(engine, tokenizer, patch, kind, param):
     if patch == "not json":
         content = b'{"messages": [oops'
+    elif patch == "deep":   # nested far deeper than any real request
+        content = b'{"messages": [{"role": "user", "content": "x", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}]}"
+    elif patch == "surrogate":   # a lone UTF-16 surrogate cannot be encoded for the tokenizer
+        content = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
     else:
         body = {"model": "sglgym-tiny", "max_tokens": 4}
         if kind == "user":
@@ -212,7 +226,10 @@ def test_bad_input_is_a_400_naming_the_field(engine, tokenizer, patch, kind, par
             prompt = tokenizer.encode(tokenizer.apply_chat_template(USER, add_generation_prompt=True,
                                                                     tokenize=False), add_special_tokens=False)
             gen = patch.get("gen_ids", [40, 41, tokenizer.eos_token_id])
-            a = {"role": "assistant", "content": "x", "prompt_token_ids": prompt, "generation_token_ids": gen}
+            a = {"role": "assistant", "content": "x", "prompt_token_ids": prompt, "generation_token_ids": gen,
+                 "generation_log_probs": [-1.0] * len(gen)}
+            if patch.get("no_lps"):
+                del a["generation_log_probs"]
             if patch.get("drop_prompt"):
                 del a["prompt_token_ids"]
             if patch.get("wrong_turns"):  # ids from a different point of the conversation
@@ -220,7 +237,8 @@ def test_bad_input_is_a_400_naming_the_field(engine, tokenizer, patch, kind, par
             body["messages"] = [*USER, a, {"role": "user", "content": "more"}]
         if patch.get("long"):
             body["messages"] = [{"role": "user", "content": "7 + 8 = 15. " * 1200}]
-        body.update({k: v for k, v in patch.items() if k not in ("gen_ids", "drop_prompt", "wrong_turns", "long")})
+        body.update({k: v for k, v in patch.items()
+                     if k not in ("gen_ids", "drop_prompt", "wrong_turns", "long", "no_lps")})
         content = __import__("json").dumps(body).encode()
     with engine.client() as c:
         r = c.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
@@ -228,7 +246,7 @@ def test_bad_input_is_a_400_naming_the_field(engine, tokenizer, patch, kind, par
         err = r.json()["error"]
         assert err["param"] == param, err
         assert err["message"]
-        if param == "messages" and patch not in ([], {}) and isinstance(patch, dict) and patch.get("long"):
+        if param == "messages" and isinstance(patch, dict) and patch.get("long"):
             assert "context length" in err["message"]
         # the server keeps serving afterwards
         assert c.get("/health").status_code == 200

@@ -6,14 +6,17 @@ Requests are plain dataclasses; unknown OpenAI fields that do not change generat
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 MAX_N = 64  # samples per request; larger n is almost always a client bug
 ROLES = ("system", "developer", "user", "assistant", "tool")
 CARRIED_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+# Carried alongside the ids by NeMo Gym >= 0.5 for MoE routing replay: opaque here, never templated.
+CARRIED_EXTRA_FIELDS = ("routed_experts",)
 
 
 class ApiError(Exception):
@@ -68,9 +71,11 @@ class ChatRequest:
 
 
 def parse_json_body(raw: bytes) -> dict:
+    # orjson bounds nesting (1024 levels) and rejects lone UTF-16 surrogates, which the json module
+    # accepts and which later fail deep in the template or the tokenizer
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise ApiError(f"request body is not valid JSON: {e}", param="body") from None
     if not isinstance(body, dict):
         raise ApiError("request body must be a JSON object", param="body")
@@ -134,7 +139,7 @@ def parse_messages(raw_messages: Any, vocab_size: int) -> tuple[list[dict], list
         role = m.get("role")
         if role not in ROLES:
             raise ApiError(f"'{p}.role' must be one of {', '.join(ROLES)}; got {role!r}", param=f"{p}.role")
-        msg = {k: v for k, v in m.items() if k not in CARRIED_FIELDS}
+        msg = {k: v for k, v in m.items() if k not in CARRIED_FIELDS and k not in CARRIED_EXTRA_FIELDS}
         msg["role"] = "system" if role == "developer" else role
         msg["content"] = _content_text(m.get("content"), f"{p}.content")
         if msg["content"] is None and role != "assistant":
@@ -143,29 +148,43 @@ def parse_messages(raw_messages: Any, vocab_size: int) -> tuple[list[dict], list
             msg.setdefault("reasoning_content", m.get("reasoning_content") or m.get("reasoning"))
             if msg.get("tool_calls") is not None:
                 _check_tool_calls(msg["tool_calls"], f"{p}.tool_calls")
-        present = [f for f in CARRIED_FIELDS if m.get(f) is not None]
-        if present:
-            if role != "assistant":
-                raise ApiError(f"'{p}.{present[0]}' is only allowed on assistant messages", param=f"{p}.{present[0]}")
-            for f in ("prompt_token_ids", "generation_token_ids"):
-                if m.get(f) is None:
-                    raise ApiError(f"'{p}.{f}' is required when {p} carries token ids", param=f"{p}.{f}")
-            prompt = token_id_list(m["prompt_token_ids"], f"{p}.prompt_token_ids", vocab_size)
-            gen = token_id_list(m["generation_token_ids"], f"{p}.generation_token_ids", vocab_size)
-            if not prompt:
-                raise ApiError(f"'{p}.prompt_token_ids' must not be empty", param=f"{p}.prompt_token_ids")
-            lps = m.get("generation_log_probs")
-            if lps is not None and (not isinstance(lps, list) or len(lps) != len(gen)):
-                raise ApiError(f"'{p}.generation_log_probs' must be a list as long as generation_token_ids "
-                               f"({len(gen)})", param=f"{p}.generation_log_probs")
+        bundle = _carried_bundle(m, p, role, vocab_size)
+        if bundle is not None:
+            prompt, gen = bundle
             if carried and prompt[:len(carried[-1].prefix_ids)] != carried[-1].prefix_ids:
                 prev = carried[-1].message_index
                 raise ApiError(f"'{p}.prompt_token_ids' does not start with the prompt and generation ids "
                                f"carried on messages[{prev}]: the carried ids are inconsistent with the "
                                "messages", param=f"{p}.prompt_token_ids")
-            carried.append(Carried(i, list(prompt), list(gen)))
+            carried.append(Carried(i, prompt, gen))
         messages.append(msg)
     return messages, carried
+
+
+def _carried_bundle(m: dict, p: str, role: str, vocab_size: int) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, generation ids) carried on a message, validated as one unit (all three fields or
+    none, as NeMo Gym sends them). An all-empty bundle carries nothing."""
+    present = [f for f in CARRIED_FIELDS if m.get(f) is not None]
+    if not present:
+        return None
+    if role != "assistant":
+        raise ApiError(f"'{p}.{present[0]}' is only allowed on assistant messages", param=f"{p}.{present[0]}")
+    missing = [f for f in CARRIED_FIELDS if m.get(f) is None]
+    if missing:
+        raise ApiError(f"'{p}.{missing[0]}' is required when {p} carries {', '.join(present)}: the token "
+                       f"ids travel as one bundle ({', '.join(CARRIED_FIELDS)})", param=f"{p}.{missing[0]}")
+    prompt = token_id_list(m["prompt_token_ids"], f"{p}.prompt_token_ids", vocab_size)
+    gen = token_id_list(m["generation_token_ids"], f"{p}.generation_token_ids", vocab_size)
+    lps = m["generation_log_probs"]
+    if not isinstance(lps, list) or len(lps) != len(gen):
+        raise ApiError(f"'{p}.generation_log_probs' must be a list as long as generation_token_ids "
+                       f"({len(gen)})", param=f"{p}.generation_log_probs")
+    if not prompt and not gen:
+        return None
+    if not prompt:
+        raise ApiError(f"'{p}.prompt_token_ids' must not be empty when generation_token_ids is not",
+                       param=f"{p}.prompt_token_ids")
+    return list(prompt), list(gen)
 
 
 def _check_tool_calls(calls: Any, param: str) -> None:

@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from .prompt import PromptBuilder
 from .protocol import ApiError, ChatRequest, parse_chat_request, parse_json_body, parse_messages, \
     parse_template_kwargs, parse_tools
+from .request_fields import required_prefix, sampling_extras, with_required_prefix
+from .streaming import ChoiceStream, TextDeltas, merge_streams, sse
 
 
 @dataclass
@@ -32,6 +34,7 @@ class RouteOptions:
     """Opt-in checks a trainer wants: requests must sample like training does."""
     training_temperature: float | None = None
     training_top_p: float | None = None
+    max_body_bytes: int = 32 << 20   # larger bodies get a 413 before they are read
 
     @property
     def enforce_sampling(self) -> bool:
@@ -53,6 +56,7 @@ class EngineRoutes:
         self.options = options
         self._builder: PromptBuilder | None = None
         self._tokens: dict[tuple[int, bool], tuple[str, list[int]]] = {}
+        self._max_token_chars: int | None = None
 
     # --- SGLang state -------------------------------------------------------------------------
     @property
@@ -91,9 +95,11 @@ class EngineRoutes:
     # --- /tokenize ----------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
         try:
-            body = parse_json_body(await request.body())
-            if "messages" in body:
+            body = await self._body(request)
+            if "messages" in body:   # mm_processor_kwargs (NeMo Gym >= 0.5) is accepted: no media here
                 messages, carried = parse_messages(body.get("messages"), self.vocab_size())
+                carried = with_required_prefix(messages, carried, required_prefix(body, self.vocab_size()))
+                self._check_text_size(messages)
                 ids = self.builder.build(messages, carried, parse_tools(body), parse_template_kwargs(body))
             elif isinstance(body.get("prompt"), str):
                 add_special = body.get("add_special_tokens", True)
@@ -107,20 +113,57 @@ class EngineRoutes:
     # --- /v1/chat/completions -----------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         try:
-            body = parse_json_body(await request.body())
+            body = await self._body(request)
             req = parse_chat_request(body, self.vocab_size())
+            extras = sampling_extras(body, self.vocab_size())
+            req.carried = with_required_prefix(req.messages, req.carried, required_prefix(body, self.vocab_size()))
             self._check_sampling(req)
-            if req.stream:
-                raise ApiError("'stream' is not supported on the token route; use "
-                               "/sglang/v1/chat/completions for streaming", param="stream")
+            self._check_text_size(req.messages)
             prompt_ids = self.builder.build(req.messages, req.carried, req.tools, req.chat_template_kwargs)
             max_tokens = self._max_tokens(req, len(prompt_ids))
+            if req.stream:
+                return await self._stream(req, prompt_ids, max_tokens, extras, request, body)
             outputs = await asyncio.gather(*[
-                self._generate(prompt_ids, req, max_tokens, i, request) for i in range(req.n)
+                self._generate(prompt_ids, req, max_tokens, i, request, extras) for i in range(req.n)
             ])
             return _json(self._response(req, prompt_ids, outputs))
         except ApiError as e:
             return _error(e)
+
+    async def _body(self, request: Request) -> dict:
+        """The JSON body, refused with a 413 as soon as it is known to exceed the limit."""
+        limit = self.options.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = ApiError(f"the request body exceeds {limit} bytes (sglgym serve --max-request-mb)",
+                             param="body", status=413, type_="request_too_large")
+        parts, size = [], 0
+        keep = not (declared.isdigit() and int(declared) > limit)
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                keep = False
+            if size > 4 * limit:  # a client that never stops: answer now, the connection closes
+                break
+            if keep:
+                parts.append(part)
+        # read to the end first: a client still sending would see a reset instead of the 413
+        if not keep:
+            raise too_large
+        return parse_json_body(b"".join(parts))
+
+    def _check_text_size(self, messages: list[dict]) -> None:
+        # A token covers at most `max_token_chars` characters, so text longer than that many times the
+        # context cannot fit: say so before spending seconds templating and tokenizing megabytes.
+        chars = sum(len(m["content"] or "") + len(m.get("reasoning_content") or "") for m in messages)
+        if chars > self.context_len() * self.max_token_chars:
+            raise ApiError(f"This model's maximum context length is {self.context_len()} tokens. However, "
+                           f"your messages hold {chars} characters, more than fits in it.", param="messages")
+
+    @property
+    def max_token_chars(self) -> int:
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(t) for t in self.builder.tokenizer.get_vocab())
+        return self._max_token_chars
 
     def _check_sampling(self, req: ChatRequest) -> None:
         o = self.options
@@ -151,7 +194,15 @@ class EngineRoutes:
         return req.max_tokens
 
     async def _generate(self, prompt_ids: list[int], req: ChatRequest, max_tokens: int, index: int,
-                        request: Request) -> dict:
+                        request: Request, extras: dict) -> dict:
+        obj = self._request_obj(prompt_ids, req, max_tokens, index, extras, stream=False)
+        try:
+            return await self.tm.generate_request(obj, request).__anext__()
+        except ValueError as e:  # SGLang's own request validation
+            raise ApiError(str(e), param=None) from None
+
+    def _request_obj(self, prompt_ids: list[int], req: ChatRequest, max_tokens: int, index: int, extras: dict,
+                     stream: bool):
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         sampling = {
@@ -166,14 +217,58 @@ class EngineRoutes:
             sampling["top_k"] = req.top_k
         if req.seed is not None:
             sampling["sampling_seed"] = req.seed + index
-        obj = GenerateReqInput(
+        sampling.update(extras)
+        return GenerateReqInput(
             input_ids=list(prompt_ids), sampling_params=sampling, return_logprob=True,
-            logprob_start_len=-1, top_logprobs_num=req.top_logprobs, stream=False,
+            logprob_start_len=-1, top_logprobs_num=req.top_logprobs, stream=stream,
         )
-        try:
-            return await self.tm.generate_request(obj, request).__anext__()
-        except ValueError as e:  # SGLang's own request validation
-            raise ApiError(str(e), param=None) from None
+
+    # --- streaming ----------------------------------------------------------------------------
+    async def _stream(self, req: ChatRequest, prompt_ids: list[int], max_tokens: int, extras: dict,
+                      request: Request, body: dict) -> StreamingResponse:
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError("'stream_options' must be an object", param="stream_options")
+        include_usage = bool(options.get("include_usage"))
+        tokenizer = self.builder.tokenizer
+        tools = req.tools if req.tool_choice != "none" else None
+        choices, generators = [], []
+        for i in range(req.n):
+            deltas = TextDeltas(tools, self._server_arg("tool_call_parser"), self._server_arg("reasoning_parser"))
+            choices.append(ChoiceStream(i, req, deltas,
+                                        lambda tid, lp, top: self._logprob_entry(tokenizer, tid, lp, top, req)))
+            obj = self._request_obj(prompt_ids, req, max_tokens, i, extras, stream=True)
+            generators.append(self.tm.generate_request(obj, request))
+        firsts = []
+        for gen in generators:   # the first output before any byte is sent: SGLang's validation is a 400
+            try:
+                firsts.append(await gen.__anext__())
+            except ValueError as e:
+                raise ApiError(str(e), param=None) from None
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": req.model or self._server_arg("served_model_name")}
+
+        async def choice_chunks(cs: ChoiceStream, first: dict, gen):
+            yield cs.chunk(first, prompt_ids)
+            async for out in gen:
+                yield cs.chunk(out, prompt_ids)
+
+        async def events():
+            try:
+                async for chunk_choices in merge_streams([choice_chunks(c, f, g) for c, f, g in
+                                                          zip(choices, firsts, generators)]):
+                    for choice in chunk_choices:   # one choice per chunk, as OpenAI streams
+                        yield sse({**head, "choices": [choice]})
+            except ValueError as e:
+                yield sse(ApiError(str(e)).body())
+            if include_usage:
+                completion = sum(c.sent_tokens for c in choices)
+                yield sse({**head, "choices": [], "usage": {
+                    "prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                    "total_tokens": len(prompt_ids) + completion}})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     # --- response -----------------------------------------------------------------------------
     def _response(self, req: ChatRequest, prompt_ids: list[int], outputs: list[dict]) -> dict:

@@ -151,6 +151,8 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
         if not reply.ok or not isinstance(reply.body, dict):
             raise RolloutError("engine", f"HTTP {reply.status}: {reply.text[:500]}", engine_url)
         choice = reply.body["choices"][0]
+        if choice.get("finish_reason") == "abort":  # the engine dropped the request: its tokens are not a turn
+            raise RolloutError("engine", "the engine aborted the generation (finish_reason 'abort')", engine_url)
         msg = choice["message"]
         missing = [k for k in CARRIED if msg.get(k) is None]
         if missing:
