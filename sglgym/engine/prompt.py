@@ -10,12 +10,39 @@ from .onpolicy import CarriedIdsError, splice_carried_prefix
 from .protocol import ApiError, Carried
 
 
+TURN_MARKER = "sglgym-turn-end-probe"
+
+
+def turn_end_token_id(tokenizer, fallback: int | None = None) -> int | None:
+    """The token the chat template closes an assistant turn with, read from the template itself.
+
+    It is often not the tokenizer's EOS: Gemma's turns end with `<end_of_turn>` while EOS is `<eos>`,
+    Llama 3's with `<|eot_id|>`. The first special (added) token rendered after an assistant message's
+    content is the turn end; `fallback` (the EOS) when the template shows none.
+    """
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+    except Exception:  # no template, or one that needs more than this: keep the EOS
+        return fallback
+    at = text.rfind(TURN_MARKER)
+    if at < 0:
+        return fallback
+    added = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for token in tokenizer.encode(text[at + len(TURN_MARKER):], add_special_tokens=False):
+        if token in added:
+            return token
+    return fallback
+
+
 class PromptBuilder:
     """Renders chats with the served tokenizer's chat template and splices in carried token ids."""
 
     def __init__(self, tokenizer, eos_token_id: int | None = None, cache_size: int = 1024):
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+        # the id that closes an assistant turn in the template (not always the tokenizer's EOS)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else \
+            turn_end_token_id(tokenizer, tokenizer.eos_token_id)
         # GRPO sends each prompt G times (one request per sample, as NeMo Gym does): rendering the chat
         # template once per group instead of once per request is most of the route's own CPU cost.
         self.cache_size = cache_size

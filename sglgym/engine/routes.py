@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, turn_end_token_id
 from .protocol import ApiError, ChatRequest, parse_chat_request, parse_json_body, parse_messages, \
     parse_template_kwargs, parse_tools
 from .request_fields import required_prefix, sampling_extras, with_required_prefix
@@ -76,7 +76,7 @@ class EngineRoutes:
                 ids = tm.model_config.hf_eos_token_id
                 eos = min(ids) if ids else None
             # SGLGYM_PROMPT_CACHE_SIZE=0 turns the template cache off (to measure what it saves)
-            self._builder = PromptBuilder(tm.tokenizer, eos,
+            self._builder = PromptBuilder(tm.tokenizer, turn_end_token_id(tm.tokenizer, eos),
                                           cache_size=int(os.environ.get("SGLGYM_PROMPT_CACHE_SIZE", "1024")))
         return self._builder
 
@@ -208,7 +208,7 @@ class EngineRoutes:
         sampling = {
             "temperature": req.temperature, "top_p": req.top_p, "min_p": req.min_p,
             "max_new_tokens": max_tokens, "stop": req.stop or None,
-            "stop_token_ids": req.stop_token_ids or None,
+            "stop_token_ids": self._stop_ids(req) or None,
             "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
             "repetition_penalty": req.repetition_penalty, "skip_special_tokens": req.skip_special_tokens,
             "ignore_eos": req.ignore_eos,
@@ -222,6 +222,12 @@ class EngineRoutes:
             input_ids=list(prompt_ids), sampling_params=sampling, return_logprob=True,
             logprob_start_len=-1, top_logprobs_num=req.top_logprobs, stream=stream,
         )
+
+    def _stop_ids(self, req: ChatRequest) -> list[int]:
+        # a template whose turn end is not the EOS (Gemma's <end_of_turn>) must still end the turn there
+        turn_end = self.builder.eos_token_id
+        extra = [turn_end] if turn_end is not None and turn_end != self.builder.tokenizer.eos_token_id else []
+        return [*req.stop_token_ids, *extra]
 
     # --- streaming ----------------------------------------------------------------------------
     async def _stream(self, req: ChatRequest, prompt_ids: list[int], max_tokens: int, extras: dict,
