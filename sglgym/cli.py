@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         from sglgym.trainer.cli import main as train_main
         train_main(rest)
     elif command == "bench":
-        # Benchmarks live in the repository's bench/ folder, next to the package.
-        from pathlib import Path
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-        from bench_engine import main as bench_main
+        from sglgym.bench.engine import main as bench_main
         bench_main(rest)
     else:
         print(f"sglgym: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

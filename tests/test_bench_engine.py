@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import bench_engine  # noqa: E402
-from engine_client import ROUTES, percentile  # noqa: E402
+from sglgym.bench import engine as bench_engine
+from sglgym.bench.client import ROUTES, percentile
 
 
 def test_percentile():
@@ -34,7 +30,17 @@ def test_bench_smoke(engine, tmp_path):
         assert lv["tokens_per_s"] > 0 and lv["requests"] > 0
         assert lv["p50_ms"] is not None and lv["p99_ms"] >= lv["p50_ms"]
     assert [r["concurrency"] for r in result["ratios"]] == [1, 4]
-    assert all(r["a_over_b"] > 0 and r["a_over_c"] > 0 for r in result["ratios"])
+    assert all(r["a_over_b"] > 0 and r["a_over_c"] > 0 and r["d_over_a"] > 0 for r in result["ratios"])
     machine = result["machine"]
     assert machine["cpu_cores"] and machine["sglang"] and machine["torch"]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_runs_from_the_installed_package(tmp_path):
+    """`sglgym bench` needs nothing from the repository's bench/ folder (run from elsewhere)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "sglgym.cli", "bench", "--help"], cwd=tmp_path, timeout=120,
+                       capture_output=True, text=True, env={k: v for k, v in __import__("os").environ.items()
+                                                            if k != "PYTHONPATH"})
+    assert r.returncode == 0 and "usage: sglgym bench" in r.stdout, r.stderr[-2000:]

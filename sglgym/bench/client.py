@@ -23,18 +23,20 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from engine_procs import CpuMeter
+from .cpu import CpuMeter
 
-ROUTES = ("ours", "generate", "sglang_chat")
+ROUTES = ("ours", "generate", "sglang_chat", "ours_stream")
 ROUTE_PATHS = {
     "ours": "/v1/chat/completions",
     "generate": "/generate",
     "sglang_chat": "/sglang/v1/chat/completions",
+    "ours_stream": "/v1/chat/completions",
 }
 ROUTE_LABELS = {
     "ours": "(a) sglgym /v1/chat/completions",
     "generate": "(b) SGLang /generate",
     "sglang_chat": "(c) SGLang /sglang/v1/chat/completions",
+    "ours_stream": "(d) sglgym /v1/chat/completions stream=true",
 }
 MAX_ERROR_SAMPLES = 5
 
@@ -145,8 +147,10 @@ def request_body(route: str, prompt: Prompt, sampling: Sampling, model: str | No
                                     "ignore_eos": sampling.ignore_eos}}
     body = {"model": model, "messages": prompt.messages, "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "logprobs": True, "ignore_eos": sampling.ignore_eos}
-    if route == "ours":
+    if route in ("ours", "ours_stream"):
         body["return_tokens_as_token_ids"] = True
+    if route == "ours_stream":
+        body["stream"] = True
     return body
 
 
@@ -169,11 +173,38 @@ def output_tokens(route: str, body: dict) -> int:
     return n
 
 
+def streamed_tokens(lines: list[bytes]) -> int:
+    """Generated tokens in an SSE stream: the logprob entries, checked against the closing bundle."""
+    entries, bundle = 0, None
+    for line in lines:
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        for choice in orjson.loads(line[6:])["choices"]:
+            entries += len((choice.get("logprobs") or {}).get("content") or [])
+            if choice.get("finish_reason"):
+                bundle = choice["delta"]
+    if lines[-1] != b"data: [DONE]" or bundle is None or len(bundle["generation_token_ids"]) != entries:
+        raise ValueError("the stream lacks [DONE], the closing bundle, or a logprob entry per token")
+    return entries
+
+
+async def send_stream(client: httpx.AsyncClient, payload: bytes) -> RequestResult:
+    t0 = time.perf_counter()
+    async with client.stream("POST", ROUTE_PATHS["ours_stream"], content=payload,
+                             headers={"Content-Type": "application/json"}) as r:
+        if r.status_code != 200:
+            return RequestResult(False, time.perf_counter() - t0, error=f"HTTP {r.status_code}")
+        lines = [line.encode() async for line in r.aiter_lines() if line]
+    return RequestResult(True, time.perf_counter() - t0, streamed_tokens(lines))
+
+
 async def send(client: httpx.AsyncClient, route: str, prompt: Prompt, sampling: Sampling,
                model: str | None) -> RequestResult:
     payload = orjson.dumps(request_body(route, prompt, sampling, model))
     t0 = time.perf_counter()
     try:
+        if route == "ours_stream":
+            return await send_stream(client, payload)
         r = await client.post(ROUTE_PATHS[route], content=payload, headers={"Content-Type": "application/json"})
         raw = r.content
         latency = time.perf_counter() - t0

@@ -9,9 +9,12 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from engine_client import ROUTE_LABELS, ROUTES
+from .client import ROUTE_LABELS, ROUTES
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout the bench runs in (its git commit goes into the JSON); the working directory when the
+# package is installed elsewhere.
+REPO = Path(__file__).resolve().parents[2] if (Path(__file__).resolve().parents[2] / ".git").exists() \
+    else Path.cwd()
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -89,8 +92,9 @@ def _fmt(x, spec: str = ".0f") -> str:
 def format_table(levels: list[dict], ratios: list[dict]) -> str:
     by = {(lv["route"], lv["concurrency"]): lv for lv in levels}
     ratio = {r["concurrency"]: r for r in ratios}
-    head = (f"{'conc':>5} | {'(a) tok/s':>9} {'(b) tok/s':>9} {'(c) tok/s':>9} | {'a/b':>5} {'a/c':>5} | "
-            f"{'best a/b':>8} {'a/c':>5} | {'p50 ms a/b/c':>16} | {'p99 ms a/b/c':>16} | {'tok/req a/b/c':>14} | "
+    head = (f"{'conc':>5} | {'(a) tok/s':>9} {'(b) tok/s':>9} {'(c) tok/s':>9} {'(d) tok/s':>9} | {'a/b':>5} "
+            f"{'a/c':>5} {'d/a':>5} | {'best a/b':>8} {'a/c':>5} | {'p50 ms a/b/c/d':>20} | {'p99 ms a/b/c/d':>20} | "
+            f"{'tok/req a/b/c/d':>18} | "
             f"{'srv CPU ms/req':>15} | err")
     lines = [head, "-" * len(head)]
     for c in sorted(ratio):
@@ -104,9 +108,9 @@ def format_table(levels: list[dict], ratios: list[dict]) -> str:
         tpr = "/".join(_fmt(lv["mean_output_tokens"], ".1f") for lv in row)
         cpu = "/".join(_fmt(lv["cpu_ms_per_request"].get("main"), ".2f") for lv in row)
         errors = sum(lv["errors"] for lv in row)
-        lines.append(f"{c:>5} | {tps} | {_fmt(r['a_over_b'], '.3f'):>5} {_fmt(r['a_over_c'], '.3f'):>5} | "
-                     f"{_fmt(r['a_over_b_best'], '.3f'):>8} {_fmt(r['a_over_c_best'], '.3f'):>5} | {p50:>16} | "
-                     f"{p99:>16} | {tpr:>14} | {cpu:>15} | {errors}")
+        lines.append(f"{c:>5} | {tps} | {_fmt(r['a_over_b'], '.3f'):>5} {_fmt(r['a_over_c'], '.3f'):>5} "
+                     f"{_fmt(r['d_over_a'], '.3f'):>5} | {_fmt(r['a_over_b_best'], '.3f'):>8} "
+                     f"{_fmt(r['a_over_c_best'], '.3f'):>5} | {p50:>20} | {p99:>20} | {tpr:>18} | {cpu:>15} | {errors}")
     lines.append("routes: " + "; ".join(ROUTE_LABELS[r] for r in ROUTES))
     lines.append("tok/s: output tokens per second, median over repetitions (best: ratio of each route's best round); "
                  "p50/p99: request latency;")

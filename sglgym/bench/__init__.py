@@ -1,0 +1,1 @@
+"""`sglgym bench`: engine throughput of our route next to SGLang's own (shipped with the package)."""
