@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
 USER = [{"role": "user", "content": "What is 12 + 7?"}]
 
@@ -90,3 +89,33 @@ def test_required_prefix_token_ids_on_tokenize_and_chat(engine):
                                          "prompt_token_ids", "generation_token_ids", "generation_log_probs")}},
                                                   msgs[2]]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "required_prefix_token_ids"
+
+
+def test_response_format_json_schema_constrains_the_output(engine):
+    import json
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    body = {"messages": USER, "max_tokens": 40, "n": 3, "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+    choices = ok(post(engine, "/v1/chat/completions", body))["choices"]
+    finished = [c for c in choices if c["finish_reason"] == "stop"]
+    assert finished, [c["message"]["content"] for c in choices]
+    for c in finished:
+        assert json.loads(c["message"]["content"])["answer"] in ("yes", "no")
+    free = ok(post(engine, "/v1/chat/completions", {**body, "response_format": None}))["choices"]
+    assert not any(_is_json(c["message"]["content"]) for c in free)   # the random model alone never writes it
+
+
+def _is_json(text: str | None) -> bool:
+    import json
+    try:
+        return isinstance(json.loads(text or ""), dict)
+    except ValueError:
+        return False
+
+
+def test_body_limit_is_a_serve_flag():
+    from sglgym.engine.launch import parse_own_args
+    own, rest = parse_own_args(["--max-request-mb", "0.5", "--port", "1"])
+    assert own.max_request_mb == 0.5 and rest == ["--port", "1"]
+    assert parse_own_args([])[0].max_request_mb == 32.0

@@ -83,29 +83,45 @@ def parse_own_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="reject chat requests whose temperature differs (and any top_k)")
     p.add_argument("--training-top-p", type=float, default=None,
                    help="reject chat requests whose top_p differs (and any top_k)")
+    p.add_argument("--max-request-mb", type=float, default=32.0,
+                   help="larger request bodies get a 413 before they are read (default 32)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="seeded, batch-invariant sampling: SGLang's --enable-deterministic-inference "
+                        "(made to work on CPU by sglgym/engine/deterministic.py)")
     return p.parse_known_args(argv)
 
 
 def serve(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print("usage: sglgym serve [--model-path DIR] [--training-temperature T] [--training-top-p P] "
-              "[any SGLang server argument]\n\nWithout --model-path, serves the embedded tiny model. "
-              "SGLang's own arguments follow:\n")
+              "[--deterministic] [--max-request-mb MB] [any SGLang server argument]\n\nWithout --model-path, serves the embedded "
+              "tiny model. SGLang's own arguments follow:\n")
     own, rest = parse_own_args(argv)
     cpu = wants_cpu(rest)
     if cpu:
         prepare_cpu_environment()
+    from . import deterministic
+    is_deterministic = own.deterministic or _has_flag(rest, deterministic.SGLANG_FLAG)
+    if is_deterministic and not _has_flag(rest, deterministic.SGLANG_FLAG):
+        rest = [*rest, deterministic.SGLANG_FLAG]
+    if cpu and is_deterministic and not any(_has_flag(rest, f) for f in deterministic.CPU_DEFAULTS):
+        rest += [a for flag, value in deterministic.CPU_DEFAULTS.items() for a in (flag, value)]
     sglang_argv = build_sglang_argv(rest, cpu)
 
-    from sglang.launch_server import run_server
+    from sglang.launch_server import run_server as sglang_run_server
     from sglang.srt.entrypoints.http_server import app
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
     from .routes import RouteOptions, install_routes
 
+    run_server = sglang_run_server
+    if cpu and is_deterministic:
+        deterministic.allow_cpu_attention_backend()   # before the arguments are resolved
+        run_server = deterministic.run_server        # our scheduler entry: seeds + batch invariance on CPU
     server_args = prepare_server_args(sglang_argv)
-    install_routes(app, RouteOptions(own.training_temperature, own.training_top_p))
+    install_routes(app, RouteOptions(own.training_temperature, own.training_top_p,
+                                     max_body_bytes=int(own.max_request_mb * (1 << 20))))
     try:
         run_server(server_args)
     finally:

@@ -15,6 +15,7 @@ import orjson
 MAX_N = 64  # samples per request; larger n is almost always a client bug
 ROLES = ("system", "developer", "user", "assistant", "tool")
 CARRIED_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+STRING_FIELDS = ("reasoning_content", "reasoning", "name", "tool_call_id")
 # Carried alongside the ids by NeMo Gym >= 0.5 for MoE routing replay: opaque here, never templated.
 CARRIED_EXTRA_FIELDS = ("routed_experts",)
 
@@ -47,7 +48,8 @@ class ChatRequest:
     messages: list[dict]                     # template-ready: carried id fields stripped
     carried: list[Carried]
     tools: list[dict] | None = None
-    tool_choice: Any = "auto"
+    tool_choice: Any = "auto"               # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict = field(default_factory=dict)
     model: str | None = None
     temperature: float = 1.0
@@ -91,6 +93,13 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False):
         raise ApiError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ApiError(f"'{name}' must be in [{lo}, {hi}], got {value!r}", param=name)
+    return value
+
+
+def _string(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(f"'{name}' must be a string, got {value!r}"[:200], param=name)
     return value
 
 
@@ -144,10 +153,15 @@ def parse_messages(raw_messages: Any, vocab_size: int) -> tuple[list[dict], list
         msg["content"] = _content_text(m.get("content"), f"{p}.content")
         if msg["content"] is None and role != "assistant":
             raise ApiError(f"'{p}.content' is required for role {role!r}", param=f"{p}.content")
+        for name in STRING_FIELDS:
+            if m.get(name) is not None and not isinstance(m[name], str):
+                raise ApiError(f"'{p}.{name}' must be a string", param=f"{p}.{name}")
         if role == "assistant":
-            msg.setdefault("reasoning_content", m.get("reasoning_content") or m.get("reasoning"))
+            msg["reasoning_content"] = m.get("reasoning_content") or m.get("reasoning")
             if msg.get("tool_calls") is not None:
                 _check_tool_calls(msg["tool_calls"], f"{p}.tool_calls")
+        elif m.get("tool_calls") is not None:
+            raise ApiError(f"'{p}.tool_calls' is only allowed on assistant messages", param=f"{p}.tool_calls")
         bundle = _carried_bundle(m, p, role, vocab_size)
         if bundle is not None:
             prompt, gen = bundle
@@ -194,6 +208,9 @@ def _check_tool_calls(calls: Any, param: str) -> None:
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ApiError(f"'{param}[{j}].function.name' is required", param=f"{param}[{j}].function.name")
+        if fn.get("arguments") is not None and not isinstance(fn["arguments"], (str, dict)):
+            raise ApiError(f"'{param}[{j}].function.arguments' must be a JSON string or an object",
+                           param=f"{param}[{j}].function.arguments")
 
 
 def parse_tools(body: dict) -> list[dict] | None:
@@ -208,6 +225,9 @@ def parse_tools(body: dict) -> list[dict] | None:
                 or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ApiError(f"'tools[{j}]' must be {{type: 'function', function: {{name, parameters}}}}",
                            param=f"tools[{j}]")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ApiError(f"'tools[{j}].function.parameters' must be a JSON schema object",
+                           param=f"tools[{j}].function.parameters")
     return tools or None
 
 
@@ -220,10 +240,7 @@ def parse_template_kwargs(body: dict) -> dict:
 
 def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     messages, carried = parse_messages(body.get("messages"), vocab_size)
-    tool_choice = body.get("tool_choice", "auto") or "auto"
-    if tool_choice not in ("auto", "none"):
-        raise ApiError("'tool_choice' supports 'auto' and 'none' (no constrained decoding on this route)",
-                       param="tool_choice")
+    tools = parse_tools(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -238,8 +255,8 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
         top_k = _number(body, "top_k", None, lo=-1, integer=True)
     logprobs = _bool(body, "logprobs", False)
     return ChatRequest(
-        messages=messages, carried=carried, tools=parse_tools(body), tool_choice=tool_choice,
-        chat_template_kwargs=parse_template_kwargs(body), model=body.get("model"),
+        messages=messages, carried=carried, tools=tools,   # tool_choice: toolchoice.parse_tool_choice
+        chat_template_kwargs=parse_template_kwargs(body), model=_string(body, "model"),
         temperature=_number(body, "temperature", 1.0, lo=0.0, hi=100.0),
         top_p=_number(body, "top_p", 1.0, lo=1e-9, hi=1.0),
         top_k=top_k,

@@ -127,3 +127,17 @@ def with_required_prefix(messages: list[dict], carried: list[Carried], prefix_id
         raise ApiError(f"'required_prefix_token_ids' does not start with the ids carried on "
                        f"messages[{carried[-1].message_index}]", param="required_prefix_token_ids")
     return [*carried, Carried(last, list(prefix_ids), [])]
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The sampling seed of choice `index` of a request seeded with `seed` (choice 0: the seed itself).
+
+    `seed + index` would make choice 1 of seed 11 the same sample as choice 0 of seed 12; a splitmix64
+    step of (seed, index) keeps every (seed, choice) apart. Kept in int64, as SGLang stores seeds.
+    """
+    if index == 0:
+        return seed % (1 << 63)
+    z = (seed * 0x9E3779B97F4A7C15 + index) & (1 << 64) - 1
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & (1 << 64) - 1
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & (1 << 64) - 1
+    return (z ^ (z >> 31)) % (1 << 63)

@@ -11,7 +11,9 @@ SGLang's own chat route stays reachable at `/sglang/v1/chat/completions` (for si
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,8 +27,12 @@ from fastapi.routing import APIRoute
 from .prompt import PromptBuilder, turn_end_token_id
 from .protocol import ApiError, ChatRequest, parse_chat_request, parse_json_body, parse_messages, \
     parse_template_kwargs, parse_tools
-from .request_fields import required_prefix, sampling_extras, with_required_prefix
+from .request_fields import choice_seed, required_prefix, sampling_extras, with_required_prefix
+from .toolchoice import parse_tool_choice, tool_choice_sampling
 from .streaming import ChoiceStream, TextDeltas, merge_streams, sse
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class EngineRoutes:
         self._builder: PromptBuilder | None = None
         self._tokens: dict[tuple[int, bool], tuple[str, list[int]]] = {}
         self._max_token_chars: int | None = None
+        self._warned_seed = False
 
     # --- SGLang state -------------------------------------------------------------------------
     @property
@@ -115,9 +122,11 @@ class EngineRoutes:
         try:
             body = await self._body(request)
             req = parse_chat_request(body, self.vocab_size())
+            req.tool_choice, req.parallel_tool_calls = parse_tool_choice(body, req.tools)
             extras = sampling_extras(body, self.vocab_size())
             req.carried = with_required_prefix(req.messages, req.carried, required_prefix(body, self.vocab_size()))
             self._check_sampling(req)
+            self._seed_policy(req)
             self._check_text_size(req.messages)
             prompt_ids = self.builder.build(req.messages, req.carried, req.tools, req.chat_template_kwargs)
             max_tokens = self._max_tokens(req, len(prompt_ids))
@@ -164,6 +173,30 @@ class EngineRoutes:
         if self._max_token_chars is None:
             self._max_token_chars = max(len(t) for t in self.builder.tokenizer.get_vocab())
         return self._max_token_chars
+
+    @property
+    def deterministic(self) -> bool:
+        return bool(self._server_arg("enable_deterministic_inference"))
+
+    @property
+    def fingerprint(self) -> str:
+        # OpenAI's field for "the backend's determinism-relevant configuration"
+        return "sglgym-deterministic" if self.deterministic else "sglgym-seeds-ignored"
+
+    def _choice_seed(self, req: ChatRequest, index: int) -> dict:
+        return {"seed": choice_seed(req.seed, index)} if self.deterministic and req.seed is not None else {}
+
+    def _seed_policy(self, req: ChatRequest) -> None:
+        """Deterministic mode: an unseeded request gets a fresh random seed (SGLang would give every one
+        seed 42: identical GRPO samples), returned per choice so the sample can be replayed. Otherwise
+        SGLang ignores seeds: said once in the log and in every response's `system_fingerprint`."""
+        if self.deterministic:
+            if req.seed is None:
+                req.seed = secrets.randbits(63)
+        elif req.seed is not None and not self._warned_seed:
+            self._warned_seed = True
+            logger.warning("a request asked for seed=%s, but this server samples without seeds; start "
+                           "`sglgym serve --deterministic` to make seeds hold", req.seed)
 
     def _check_sampling(self, req: ChatRequest) -> None:
         o = self.options
@@ -212,11 +245,13 @@ class EngineRoutes:
             "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
             "repetition_penalty": req.repetition_penalty, "skip_special_tokens": req.skip_special_tokens,
             "ignore_eos": req.ignore_eos,
+            **tool_choice_sampling(req.tools, req.tool_choice, req.parallel_tool_calls,   # required / named
+                                   self._server_arg("tool_call_parser"), self._server_arg("grammar_backend")),
         }
         if req.top_k not in (None, 0):
             sampling["top_k"] = req.top_k
         if req.seed is not None:
-            sampling["sampling_seed"] = req.seed + index
+            sampling["sampling_seed"] = choice_seed(req.seed, index)
         sampling.update(extras)
         return GenerateReqInput(
             input_ids=list(prompt_ids), sampling_params=sampling, return_logprob=True,
@@ -252,7 +287,8 @@ class EngineRoutes:
             except ValueError as e:
                 raise ApiError(str(e), param=None) from None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": req.model or self._server_arg("served_model_name")}
+                "created": int(time.time()), "model": req.model or self._server_arg("served_model_name"),
+                "system_fingerprint": self.fingerprint}
 
         async def choice_chunks(cs: ChoiceStream, first: dict, gen):
             yield cs.chunk(first, prompt_ids)
@@ -261,8 +297,9 @@ class EngineRoutes:
 
         async def events():
             try:
-                async for chunk_choices in merge_streams([choice_chunks(c, f, g) for c, f, g in
-                                                          zip(choices, firsts, generators)]):
+                streams = [choice_chunks(c, f, g) for c, f, g in zip(choices, firsts, generators)]
+                # one choice (the common case) needs no merging: no queue, no task per chunk
+                async for chunk_choices in (streams[0] if len(streams) == 1 else merge_streams(streams)):
                     for choice in chunk_choices:   # one choice per chunk, as OpenAI streams
                         yield sse({**head, "choices": [choice]})
             except ValueError as e:
@@ -307,10 +344,12 @@ class EngineRoutes:
                     for j, (tid, lp) in enumerate(zip(gen_ids, gen_lps))
                 ]}
             choices.append({"index": index, "message": message, "logprobs": logprobs,
-                            "finish_reason": finish, "matched_stop": (meta.get("finish_reason") or {}).get("matched")})
+                            "finish_reason": finish, "matched_stop": (meta.get("finish_reason") or {}).get("matched"),
+                            **self._choice_seed(req, index)})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": req.model or self._server_arg("served_model_name"), "choices": choices,
+            "system_fingerprint": self.fingerprint,
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(prompt_ids) + completion_tokens},
         }
