@@ -94,3 +94,15 @@ def test_stream_is_server_sent_events(engine):
             lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
+
+
+def test_sse_events_survive_splitlines_readers():
+    """U+0085, U+2028 and U+2029 are raw in JSON but line ends to str.splitlines (httpx's iter_lines):
+    a random model writes them, and an event must stay one line."""
+    import orjson
+
+    from sglgym.engine.streaming import sse
+    text = "a\x85b\u2028c\u2029d\ne"
+    event = sse({"delta": {"content": text}}).decode()
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and orjson.loads(lines[0][len("data: "):])["delta"]["content"] == text

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from sglgym.engine.protocol import ApiError, parse_chat_request
-from sglgym.engine.routes import split_generated_text
+from sglgym.engine.responses import split_generated_text
 from sglgym.engine.toolchoice import parse_tool_choice, tool_choice_sampling
 
 WEATHER = {"type": "function", "function": {

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sglgym.engine.protocol import ApiError, parse_chat_request
-from sglgym.engine.routes import EngineRoutes, RouteOptions, split_generated_text
+from sglgym.engine.responses import split_generated_text
+from sglgym.engine.routes import EngineRoutes, RouteOptions
 
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
     "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]

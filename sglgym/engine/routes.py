@@ -24,9 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
+from .body import read_json_body
 from .prompt import PromptBuilder, turn_end_token_id
-from .protocol import ApiError, ChatRequest, parse_chat_request, parse_json_body, parse_messages, \
+from .protocol import ApiError, ChatRequest, parse_chat_request, parse_messages, \
     parse_template_kwargs, parse_tools
+from .responses import LogprobEntries, chat_response
 from .request_fields import choice_seed, required_prefix, sampling_extras, with_required_prefix
 from .toolchoice import parse_tool_choice, tool_choice_sampling
 from .streaming import ChoiceStream, TextDeltas, merge_streams, sse
@@ -61,7 +63,7 @@ class EngineRoutes:
     def __init__(self, options: RouteOptions):
         self.options = options
         self._builder: PromptBuilder | None = None
-        self._tokens: dict[tuple[int, bool], tuple[str, list[int]]] = {}
+        self._entries: LogprobEntries | None = None
         self._max_token_chars: int | None = None
         self._warned_seed = False
 
@@ -140,25 +142,7 @@ class EngineRoutes:
             return _error(e)
 
     async def _body(self, request: Request) -> dict:
-        """The JSON body, refused with a 413 as soon as it is known to exceed the limit."""
-        limit = self.options.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        too_large = ApiError(f"the request body exceeds {limit} bytes (sglgym serve --max-request-mb)",
-                             param="body", status=413, type_="request_too_large")
-        parts, size = [], 0
-        keep = not (declared.isdigit() and int(declared) > limit)
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                keep = False
-            if size > 4 * limit:  # a client that never stops: answer now, the connection closes
-                break
-            if keep:
-                parts.append(part)
-        # read to the end first: a client still sending would see a reset instead of the 413
-        if not keep:
-            raise too_large
-        return parse_json_body(b"".join(parts))
+        return await read_json_body(request, self.options.max_body_bytes)
 
     def _check_text_size(self, messages: list[dict]) -> None:
         # A token covers at most `max_token_chars` characters, so text longer than that many times the
@@ -271,13 +255,12 @@ class EngineRoutes:
         if not isinstance(options, dict):
             raise ApiError("'stream_options' must be an object", param="stream_options")
         include_usage = bool(options.get("include_usage"))
-        tokenizer = self.builder.tokenizer
         tools = req.tools if req.tool_choice != "none" else None
         choices, generators = [], []
         for i in range(req.n):
             deltas = TextDeltas(tools, self._server_arg("tool_call_parser"), self._server_arg("reasoning_parser"))
-            choices.append(ChoiceStream(i, req, deltas,
-                                        lambda tid, lp, top: self._logprob_entry(tokenizer, tid, lp, top, req)))
+            choices.append(ChoiceStream(i, req, deltas, lambda tid, lp, top: self.entries.entry(
+                tid, lp, top, req.return_tokens_as_token_ids)))
             obj = self._request_obj(prompt_ids, req, max_tokens, i, extras, stream=True)
             generators.append(self.tm.generate_request(obj, request))
         firsts = []
@@ -315,85 +298,15 @@ class EngineRoutes:
 
     # --- response -----------------------------------------------------------------------------
     def _response(self, req: ChatRequest, prompt_ids: list[int], outputs: list[dict]) -> dict:
-        tokenizer = self.builder.tokenizer
-        choices, completion_tokens = [], 0
-        for index, out in enumerate(outputs):
-            meta = out["meta_info"]
-            token_lps = meta["output_token_logprobs"]  # [(logprob, token_id, text)] for every output id
-            gen_ids = [int(t[1]) for t in token_lps]
-            gen_lps = [float(t[0]) for t in token_lps]
-            completion_tokens += len(gen_ids)
-            content, reasoning, tool_calls = split_generated_text(
-                out["text"], req.tools if req.tool_choice != "none" else None,
-                self._server_arg("tool_call_parser"), self._server_arg("reasoning_parser"))
-            finish = (meta.get("finish_reason") or {}).get("type", "stop")
-            finish = {"abort": "abort"}.get(finish, "length" if finish == "length" else "stop")
-            if tool_calls and finish == "stop":
-                finish = "tool_calls"
-            message = {
-                "role": "assistant", "content": content, "tool_calls": tool_calls or None,
-                "reasoning_content": reasoning,
-                "prompt_token_ids": prompt_ids, "generation_token_ids": gen_ids,
-                "generation_log_probs": gen_lps,
-            }
-            logprobs = None
-            if req.logprobs:
-                top = meta.get("output_top_logprobs") if req.top_logprobs else None
-                logprobs = {"content": [
-                    self._logprob_entry(tokenizer, tid, lp, top[j] if top else None, req)
-                    for j, (tid, lp) in enumerate(zip(gen_ids, gen_lps))
-                ]}
-            choices.append({"index": index, "message": message, "logprobs": logprobs,
-                            "finish_reason": finish, "matched_stop": (meta.get("finish_reason") or {}).get("matched"),
-                            **self._choice_seed(req, index)})
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": req.model or self._server_arg("served_model_name"), "choices": choices,
-            "system_fingerprint": self.fingerprint,
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                      "total_tokens": len(prompt_ids) + completion_tokens},
-        }
+        return chat_response(req, prompt_ids, outputs, self.entries, self._server_arg("tool_call_parser"),
+                             self._server_arg("reasoning_parser"), req.model or self._server_arg("served_model_name"),
+                             self.fingerprint, lambda index: self._choice_seed(req, index))
 
-    def _token(self, tokenizer, token_id: int, as_id: bool) -> tuple[str, list[int]]:
-        """(token string, its UTF-8 bytes) as OpenAI logprobs show them; memoised per id (per-token work)."""
-        key = (token_id, as_id)
-        hit = self._tokens.get(key)
-        if hit is None:
-            text = f"token_id:{token_id}" if as_id else tokenizer.decode([token_id])
-            hit = self._tokens[key] = (text, list(text.encode()))
-        return hit
-
-    def _logprob_entry(self, tokenizer, token_id: int, logprob: float, top, req: ChatRequest) -> dict:
-        as_id = req.return_tokens_as_token_ids
-        token, token_bytes = self._token(tokenizer, token_id, as_id)
-        entry = {"token": token, "logprob": logprob, "bytes": token_bytes, "top_logprobs": []}
-        for t in top or []:
-            s, s_bytes = self._token(tokenizer, int(t[1]), as_id)
-            entry["top_logprobs"].append({"token": s, "logprob": float(t[0]), "bytes": s_bytes})
-        return entry
-
-
-def split_generated_text(text: str, tools: list[dict] | None, tool_parser: str | None,
-                         reasoning_parser: str | None) -> tuple[str | None, str | None, list[dict]]:
-    """(content, reasoning, tool_calls) of generated text, with SGLang's own parsers."""
-    reasoning = None
-    if reasoning_parser:
-        from sglang.srt.parser.reasoning_parser import ReasoningParser
-        reasoning, text = ReasoningParser(model_type=reasoning_parser, stream_reasoning=False).parse_non_stream(text)
-    tool_calls = []
-    if tools and tool_parser:
-        from sglang.srt.entrypoints.openai.protocol import Tool
-        from sglang.srt.function_call.function_call_parser import FunctionCallParser
-        parser = FunctionCallParser([Tool(**t) for t in tools], tool_parser)
-        if parser.has_tool_call(text):
-            try:
-                text, calls = parser.parse_non_stream(text)
-            except Exception:  # a malformed call stays plain content; the env sees what the model wrote
-                calls = []
-            for j, call in enumerate(calls):
-                tool_calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": j,
-                                   "function": {"name": call.name, "arguments": call.parameters}})
-    return (text or None), reasoning, tool_calls
+    @property
+    def entries(self) -> LogprobEntries:
+        if self._entries is None:
+            self._entries = LogprobEntries(self.builder.tokenizer)
+        return self._entries
 
 
 def install_routes(app: FastAPI, options: RouteOptions) -> EngineRoutes:

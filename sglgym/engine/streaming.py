@@ -17,12 +17,16 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 
 from .protocol import ChatRequest
+from .responses import FINISH
 
-FINISH = {"length": "length", "abort": "abort"}
+
+# Characters that JSON leaves raw but that line readers built on str.splitlines (httpx's iter_lines, among
+# others) take for a line end, cutting an event in two; a random model does write them.
+LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+    data = payload if isinstance(payload, str) else orjson.dumps(payload).decode().translate(LINE_BREAKERS)
     return f"data: {data}\n\n".encode()
 
 
