@@ -70,6 +70,7 @@ def test_multi_turn_contiguity_over_32_rollouts(fleet, engine, tokenizer):
                           decode=tokenizer.decode)
     # any non-contiguous turn would have failed its rollout with stage "contiguity"
     assert m["rollouts_failed"] == 0, m["failures"][:3]
+    assert m["rollouts_split"] == 0   # the carried ids keep every history append-only
     assert len(samples) == 32 and m["batch_full"]
     _check_samples(samples, engine)
     multi = [s for s in samples if s.num_turns >= 2]
@@ -81,6 +82,24 @@ def test_multi_turn_contiguity_over_32_rollouts(fleet, engine, tokenizer):
                                     if mk == 0])
         assert any(w in between for w in ("higher", "lower", "Reply with a number")), between
         assert s.truncated == (s.meta["stop_reason"] != "done")
+
+
+def test_plain_message_history_splits_where_it_breaks(engine, tokenizer):
+    """`agent.carry_token_ids: false` sends plain messages back (template-faithful history, prime-rl
+    style): where re-templating gives other ids than the model produced, the rollout goes on as a new
+    sequence instead of failing, and the trainer sees each segment on its own."""
+    cfgs = load_config(CONFIG, ["guess.agent.max_turns=4", "guess.agent.carry_token_ids=false"])
+    with EnvFleet(select(cfgs, ["guess"])) as f:
+        rows = f["guess"].dataset(4, seed=3)
+        samples, m = _collect(f, engine, rows, group_size=4, batch_groups=4, concurrency=16,
+                              decode=tokenizer.decode)
+    assert m["rollouts_failed"] == 0, m["failures"][:3]
+    split = [s for s in samples if s.segment_starts]
+    assert m["rollouts_split"] == len(split) > 0
+    for s in split:
+        s.validate()
+        for start in s.segment_starts:   # a segment opens with a prompt (not trained on) before its turn
+            assert s.loss_mask[start] == 0 and any(a <= start < b for a, b in s.turn_spans) is False
 
 
 def test_tool_env_rollouts_complete(fleet, engine, tokenizer):

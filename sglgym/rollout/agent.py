@@ -98,7 +98,7 @@ async def _call_tool(client: httpx.AsyncClient, env: Env, call: dict, cookies: d
     return reply.text
 
 
-def _carried_message(msg: dict) -> dict:
+def _carried_message(msg: dict, carry_ids: bool) -> dict:
     out = {"role": "assistant", "content": msg.get("content")}
     if msg.get("tool_calls"):
         out["tool_calls"] = [{"id": c.get("id"), "type": "function",
@@ -107,8 +107,9 @@ def _carried_message(msg: dict) -> dict:
                              for c in msg["tool_calls"]]
     if msg.get("reasoning_content"):
         out["reasoning_content"] = msg["reasoning_content"]
-    for k in CARRIED:
-        out[k] = msg[k]
+    if carry_ids:
+        for k in CARRIED:
+            out[k] = msg[k]
     return out
 
 
@@ -128,7 +129,7 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
     cookies: dict = {}
     await _env_call(env_client, env, "/seed_session", row, cookies, agent.env_timeout_s, opts.retries, "seed_session")
 
-    tracker = TokenTracker(opts.decode)
+    tracker = TokenTracker(opts.decode, split_on_break=not agent.carry_token_ids)
     output: list[dict] = []
     finish_reasons: list[str] = []
     tool_calls_made = 0
@@ -162,7 +163,7 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
             tracker.add_turn(msg["prompt_token_ids"], msg["generation_token_ids"], msg["generation_log_probs"])
         except ContiguityError as e:
             raise RolloutError("contiguity", str(e), engine_url) from None
-        messages.append(_carried_message(msg))
+        messages.append(_carried_message(msg, agent.carry_token_ids))
         tool_calls = msg.get("tool_calls") or []
         output += assistant_items(msg.get("content"), tool_calls)
         finish_reasons.append(choice.get("finish_reason") or "stop")

@@ -31,6 +31,9 @@ class AgentConfig:
                                       # rarely stop; the engine splices carried ids that lack an EOS)
     tool_timeout_s: float = 30.0
     env_timeout_s: float = 30.0   # seed_session / step / verify
+    carry_token_ids: bool = True  # send each turn's ids back (the on-policy fix); false: plain messages, so
+                                  # the chat template may rewrite history (drop reasoning) and the rollout
+                                  # is split into a new sequence at each break (metric rollouts_split)
 
 
 @dataclass
