@@ -102,6 +102,27 @@ def test_plain_message_history_splits_where_it_breaks(engine, tokenizer):
             assert s.loss_mask[start] == 0 and any(a <= start < b for a, b in s.turn_spans) is False
 
 
+def test_aborted_generation_fails_the_rollout(fleet, engine):
+    """SGLang aborting a request mid-generation (finish_reason "abort"): its partial tokens are not a turn
+    to train on; the rollout fails at stage "engine"."""
+    import threading
+    import time
+
+    def abort_soon():
+        time.sleep(3.0)
+        with engine.client() as c:
+            c.post("/abort_request", json={"abort_all": True})
+
+    rows = fleet["arithmetic"].dataset(1, seed=5)
+    aborter = threading.Thread(target=abort_soon)
+    aborter.start()
+    samples, m = _collect(fleet, engine, rows, group_size=2, batch_groups=1, concurrency=2,
+                          sampling={"temperature": 1.0, "max_tokens": 1900, "ignore_eos": True})
+    aborter.join()
+    assert samples == [] and m["rollouts_failed"] == 2, m
+    assert all(f["stage"] == "engine" and "abort" in f["error"] for f in m["failures"]), m["failures"]
+
+
 def test_tool_env_rollouts_complete(fleet, engine, tokenizer):
     rows = fleet["calculator"].dataset(3, seed=2)
     samples, m = _collect(fleet, engine, rows, group_size=2, batch_groups=3, concurrency=6)

@@ -125,3 +125,26 @@ def template_tail(tok, template_ids: list[int]) -> str:
     end = tok.convert_tokens_to_ids("<|im_end|>")
     positions = [i for i, t in enumerate(template_ids) if t == end]
     return tok.decode(template_ids[positions[1]:])
+
+
+def test_qwen3_style_plain_history_splits_into_a_new_sequence(qwen3):
+    """Without carried ids (agent.carry_token_ids: false) the template drops turn 1's reasoning, so the
+    second prompt does not extend the first turn: the tracker starts a new sequence there."""
+    from sglgym.rollout.tokens import ContiguityError, TokenTracker
+
+    builder = PromptBuilder(qwen3)
+    user = [{"role": "user", "content": "3 plus 21"}]
+    prompt, gen = turn(builder, qwen3, user, "<think>\n3 plus 21 is 24\n</think>\n\n24", [], end=True)
+    assistant = {"role": "assistant", "content": "24", "reasoning_content": "3 plus 21 is 24"}
+    second_prompt = builder.build([*user, assistant, {"role": "user", "content": "4 plus 5"}], [], None, {})
+    tracker = TokenTracker(split_on_break=True)
+    tracker.add_turn(prompt, gen, [-0.5] * len(gen))
+    tracker.add_turn(second_prompt, gen[:2], [-0.5, -0.5])
+    sample = tracker.to_sample(reward=1.0, group_id=0, prompt_index=0, truncated=False, env="e", engine_url="")
+    sample.validate()
+    assert sample.segment_starts == [len(prompt) + len(gen)]
+    assert sample.token_ids[sample.segment_starts[0]:] == second_prompt + gen[:2]
+    with pytest.raises(ContiguityError):   # the carried-ids path would call this a bug
+        strict = TokenTracker()
+        strict.add_turn(prompt, gen, [-0.5] * len(gen))
+        strict.add_turn(second_prompt, gen[:2], [-0.5, -0.5])
