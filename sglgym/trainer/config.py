@@ -51,6 +51,8 @@ class TrainConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(8, gt=0)        # per turn
+    rollout_seed: Optional[int] = None      # seeds every rollout's sampling (per step, prompt, sample, turn): with
+                                            # an engine served --deterministic the run is reproducible
     # trainer backend and ranks
     backend: Literal["hf", "fsdp", "megatron"] = "hf"   # hf: one process | fsdp: FSDP2 | megatron: megatron-core
     fsdp: FSDPConfig = FSDPConfig()

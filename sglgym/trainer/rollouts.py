@@ -3,6 +3,7 @@ the held-out evaluation. Only rank 0 talks to environments and engines."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -43,6 +44,11 @@ def rollout_metrics(rmetrics: dict) -> dict:
     return out
 
 
+def tagged_seed(seed: int, tag: str) -> int:
+    """A base seed per step (or evaluation) of a run: the run's seed and the tag, hashed into [0, 2**63)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{tag}".encode(), digest_size=8).digest(), "big") >> 1
+
+
 class Rollouts:
     def __init__(self, cfg: TrainConfig, fleet, engine_urls: list[str], api_key: str | None, out_dir: Path,
                  recovery=None):
@@ -53,11 +59,15 @@ class Rollouts:
         self.rows = RowSource(self.envs, cfg.env_weights(), seed=cfg.seed)
         self.failures_path = out_dir / "failures.jsonl"  # every failed rollout, with its stage and error
 
-    def collect(self, rows: list[dict], group_size: int, groups: int, dynamic: bool, offset: int = 0, requeue=None):
+    def collect(self, rows: list[dict], group_size: int, groups: int, dynamic: bool, offset: int = 0, requeue=None,
+                seed_tag: str = ""):
         cfg = self.cfg
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+        if cfg.rollout_seed is not None:   # the agent derives each (prompt, sample, turn)'s seed from it
+            sampling["seed"] = tagged_seed(cfg.rollout_seed, seed_tag)
         return collect_batch_sync(
             self.fleet, self.engine_urls, rows, group_size=group_size, batch_groups=groups,
-            sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens},
+            sampling=sampling,
             concurrency=cfg.concurrency, dynamic_sampling=dynamic, api_key=self.api_key, progress=False,
             group_id_offset=offset, requeue=requeue)
 
@@ -71,7 +81,7 @@ class Rollouts:
             cursor = self.rows.state()
             rows = self.rows.take(int(cfg.batch_groups * (2 if cfg.dynamic_sampling else 1)))
             samples, rmetrics = self.collect(rows, cfg.group_size, cfg.batch_groups, cfg.dynamic_sampling,
-                                             offset=step * 100_000, requeue=self.rows.requeue)
+                                             offset=step * 100_000, requeue=self.rows.requeue, seed_tag=f"step-{step}")
             failures = rmetrics.get("failures", [])
             self._log_failures(step, failures)
             if not failures or self.recovery is None or attempt == attempts - 1:
@@ -116,7 +126,8 @@ class Rollouts:
         {"all": over every sample, env: over that env's}."""
         cfg = self.cfg
         rows = [row for env in self.envs.values() for row in env.dataset(cfg.eval_rows, seed=cfg.seed, split="test")]
-        samples, m = self.collect(rows, group_size=cfg.eval_samples, groups=len(rows), dynamic=False, offset=1_000_000)
+        samples, m = self.collect(rows, group_size=cfg.eval_samples, groups=len(rows), dynamic=False, offset=1_000_000,
+                                  seed_tag=f"eval-{tag}")
         rewards = {"all": sum(s.reward for s in samples) / max(len(samples), 1)}
         for name in self.envs:
             mine = [s.reward for s in samples if s.env == name]
