@@ -364,7 +364,7 @@ def test_interrupted_parent_leaves_no_process(sig, tmp_path):
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2 and set(pids) <= set(children_of(proc.pid))
         os.kill(proc.pid, sig)   # Ctrl-C, a polite kill, and a hard kill (PDEATHSIG takes over)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)   # stopping two env servers may take 2 x (10 s grace + 5 s) by design
         assert wait_dead(pids) == []
     finally:
         if proc.poll() is None:

@@ -66,7 +66,9 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout_s: floa
             assert proc.poll() is None, f"train exited ({proc.returncode}) before checkpoint {step}"
             assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout_s}s"
             time.sleep(0.05)
-        time.sleep(random.uniform(0.0, 1.5))  # somewhere in the next steps: rollouts, update or refit
+        # somewhere in the next step (rollouts, update or refit); a quiet machine runs a step in ~0.4 s, so a
+        # longer wait let the run reach its end before the kill
+        time.sleep(random.uniform(0.0, 0.3))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
