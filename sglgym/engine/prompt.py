@@ -50,8 +50,11 @@ class PromptBuilder:
         self.cache_hits = 0
 
     def render_ids(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict,
-                   add_generation_prompt: bool) -> list[int]:
-        """Template ids of a chat (an LRU cache keyed by the exact JSON of what the template sees)."""
+                   add_generation_prompt: bool, continue_final: bool = False) -> list[int]:
+        """Template ids of a chat (an LRU cache keyed by the exact JSON of what the template sees).
+        `continue_final`: the last (assistant) message is left open, to be extended."""
+        if continue_final:
+            template_kwargs = {**template_kwargs, "continue_final_message": True}
         try:
             key = orjson.dumps([messages, tools, template_kwargs, add_generation_prompt])
         except TypeError:  # not JSON-serialisable (not from a request): no caching
@@ -80,9 +83,13 @@ class PromptBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def build(self, messages: list[dict], carried: list[Carried], tools: list[dict] | None,
-              template_kwargs: dict) -> list[int]:
-        """Ids the engine should see for this chat (generation prompt included)."""
-        template_ids = self.render_ids(messages, tools, template_kwargs, add_generation_prompt=True)
+              template_kwargs: dict, continue_final: bool = False) -> list[int]:
+        """Ids the engine should see for this chat: a new assistant turn (generation prompt included), or
+        with `continue_final` the last assistant message extended (a generation cut short, continued)."""
+        if continue_final and carried and carried[-1].message_index == len(messages) - 1:
+            return carried[-1].prefix_ids   # exactly what was seen and sampled so far
+        template_ids = self.render_ids(messages, tools, template_kwargs, add_generation_prompt=not continue_final,
+                                       continue_final=continue_final)
         if not carried:
             return template_ids
         last = carried[-1]

@@ -70,6 +70,7 @@ class ChatRequest:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False           # SGLang/vLLM extension: generate max_tokens (benchmarks)
     stream: bool = False
+    continue_final_message: bool = False   # vLLM: extend the last (assistant) message instead of a new turn
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -275,4 +276,14 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
         repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=0.0, hi=2.0),
         ignore_eos=_bool(body, "ignore_eos", False),
         stream=_bool(body, "stream", False),
+        continue_final_message=_continue_final(body, messages),
     )
+
+
+def _continue_final(body: dict, messages: list[dict]) -> bool:
+    if not _bool(body, "continue_final_message", False):
+        return False
+    if messages[-1].get("role") != "assistant":
+        raise ApiError("'continue_final_message' needs the last message to be an assistant message "
+                       f"(it is {messages[-1].get('role')!r})", param="continue_final_message")
+    return True

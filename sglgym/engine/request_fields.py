@@ -28,15 +28,17 @@ REFUSED = {
     "guided_regex": "not supported on this route",
     "guided_grammar": "not supported on this route",
     "guided_choice": "not supported on this route",
-    "continue_final_message": "not supported on this route",
-    "add_generation_prompt": "the route always adds the generation prompt",
+    "add_generation_prompt": "the route adds the generation prompt unless continue_final_message is true",
     "reasoning_effort": "pass it to the chat template with chat_template_kwargs",
     "verbosity": "not supported",
 }
 
 
 def refuse_unsupported(body: dict) -> None:
+    continuing = body.get("continue_final_message") is True
     for name, instead in REFUSED.items():
+        if name == "add_generation_prompt" and continuing and body.get(name) is False:
+            continue   # vLLM's spelling of a continuation: both fields together
         if body.get(name) is not None:
             raise ApiError(f"'{name}' is not supported on this route ({instead})", param=name)
 

@@ -62,13 +62,38 @@ def chat_response(req: ChatRequest, prompt_ids: list[int], outputs: list[dict], 
             logprobs = {"content": [entries.entry(tid, lp, top[j] if top else None, req.return_tokens_as_token_ids)
                                     for j, (tid, lp) in enumerate(zip(gen_ids, gen_lps))]}
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
-                        "matched_stop": (meta.get("finish_reason") or {}).get("matched"), **choice_extra(index)})
+                        "matched_stop": (meta.get("finish_reason") or {}).get("matched"),
+                        **weight_versions(meta, len(gen_ids)), **choice_extra(index)})
+    cached = max((int(o["meta_info"].get("cached_tokens") or 0) for o in outputs), default=0)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model, "choices": choices, "system_fingerprint": fingerprint,
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                  "total_tokens": len(prompt_ids) + completion_tokens},
+                  "total_tokens": len(prompt_ids) + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": cached}},   # prefix-cache hits (OpenAI's field)
     }
+
+
+def weight_versions(meta: dict, num_generated: int) -> dict:
+    """The weights that sampled the generation: `weight_version` (at its end) and `weight_versions`, spans
+    [start, end) over generation_token_ids with the version of each (several when a weight update came
+    while the request was in flight: SGLang records where)."""
+    version = meta.get("weight_version")
+    spans = [dict(s) for s in meta.get("weight_versions") or []] or [{"version": version, "start": 0, "end": 0}]
+    spans[-1]["end"] = num_generated   # SGLang's count may leave out a final stop token we return
+    return {"weight_version": version, "weight_versions": spans}
+
+
+def prepend_continued_text(req: ChatRequest, outputs: list[dict], tokenizer) -> None:
+    """With `continue_final_message` the reply is the whole continued message: its text from the start."""
+    last = req.carried[-1] if req.carried and req.carried[-1].message_index == len(req.messages) - 1 else None
+    for out in outputs:
+        if last is not None:   # decoded as one sequence: a character split over the cut stays whole
+            new_ids = [int(t[1]) for t in out["meta_info"]["output_token_logprobs"]]
+            out["text"] = tokenizer.decode(last.generation_token_ids + new_ids, skip_special_tokens=req.skip_special_tokens)
+        else:
+            start = req.messages[-1].get("content")
+            out["text"] = (start if isinstance(start, str) else "") + out["text"]
 
 
 def split_generated_text(text: str, tools: list[dict] | None, tool_parser: str | None,

@@ -28,7 +28,7 @@ from .body import read_json_body
 from .prompt import PromptBuilder, turn_end_token_id
 from .protocol import ApiError, ChatRequest, parse_chat_request, parse_messages, \
     parse_template_kwargs, parse_tools
-from .responses import LogprobEntries, chat_response
+from .responses import LogprobEntries, chat_response, prepend_continued_text
 from .request_fields import choice_seed, required_prefix, sampling_extras, with_required_prefix
 from .toolchoice import parse_tool_choice, tool_choice_sampling
 from .streaming import ChoiceStream, TextDeltas, merge_streams, sse
@@ -130,13 +130,16 @@ class EngineRoutes:
             self._check_sampling(req)
             self._seed_policy(req)
             self._check_text_size(req.messages)
-            prompt_ids = self.builder.build(req.messages, req.carried, req.tools, req.chat_template_kwargs)
+            prompt_ids = self.builder.build(req.messages, req.carried, req.tools, req.chat_template_kwargs,
+                                            continue_final=req.continue_final_message)
             max_tokens = self._max_tokens(req, len(prompt_ids))
             if req.stream:
                 return await self._stream(req, prompt_ids, max_tokens, extras, request, body)
             outputs = await asyncio.gather(*[
                 self._generate(prompt_ids, req, max_tokens, i, request, extras) for i in range(req.n)
             ])
+            if req.continue_final_message:  # the reply is the continued message: parse its text as a whole
+                prepend_continued_text(req, outputs, self.builder.tokenizer)
             return _json(self._response(req, prompt_ids, outputs))
         except ApiError as e:
             return _error(e)
