@@ -25,9 +25,8 @@ from .responses import (assistant_items, build_response, sampling_from_params, t
 from .samples import Sample
 from .seeds import rollout_seed
 from .tokens import ContiguityError, TokenTracker
-from .transport import Reply, TransportError, post_json
-
-CARRIED = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+from .transport import TransportError, post_json
+from .turn import CARRIED, model_turn
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
@@ -37,6 +36,7 @@ class LoopOptions:
     engine_timeout_s: float = 120.0
     retries: int = 2
     decode: Callable[[list[int]], str] | None = None   # only used to make contiguity diffs readable
+    continue_aborted: int = 0   # continue a turn an in-flight weight update aborted, this often (0: fail it)
 
 
 @dataclass
@@ -46,10 +46,6 @@ class RolloutJob:
     group_id: int
     prompt_index: int
     sample_index: int
-
-
-def _is_context_error(reply: Reply) -> bool:
-    return reply.status == 400 and "context length" in reply.text.lower()
 
 
 async def _env_call(client: httpx.AsyncClient, env: Env, path: str, body: dict, cookies: dict,
@@ -134,33 +130,22 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
     finish_reasons: list[str] = []
     tool_calls_made = 0
     truncated, stop_reason = False, "done"
-    chat_url = f"{engine_url}/v1/chat/completions"
+    continuations = 0
     for turn in range(agent.max_turns):
         body = {"model": pool.model, "messages": messages, **sampling}
         if tools:
             body["tools"] = tools
         if body.get("seed") is not None:  # distinct but reproducible per sample and turn
             body["seed"] = rollout_seed(body["seed"], job.prompt_index, job.sample_index, turn)
-        try:
-            reply = await post_json(engine_client, chat_url, body, timeout_s=opts.engine_timeout_s,
-                                    retries=opts.retries, headers=pool.headers())
-        except TransportError as e:
-            raise RolloutError("engine", str(e), engine_url) from None
-        if _is_context_error(reply):      # the conversation no longer fits: a truncated rollout
+        turn_reply = await model_turn(engine_client, engine_url, body, opts, pool.headers())
+        if turn_reply is None:      # the conversation no longer fits: a truncated rollout
             truncated, stop_reason = True, "context_length"
             break
-        if not reply.ok or not isinstance(reply.body, dict):
-            raise RolloutError("engine", f"HTTP {reply.status}: {reply.text[:500]}", engine_url)
-        choice = reply.body["choices"][0]
-        if choice.get("finish_reason") == "abort":  # the engine dropped the request: its tokens are not a turn
-            raise RolloutError("engine", "the engine aborted the generation (finish_reason 'abort')", engine_url)
-        msg = choice["message"]
-        missing = [k for k in CARRIED if msg.get(k) is None]
-        if missing:
-            raise RolloutError("engine", f"the reply lacks {missing}: is {engine_url} an `sglgym serve` "
-                                         "token route?", engine_url)
+        choice, msg = turn_reply.choice, turn_reply.message
+        continuations += turn_reply.continuations
         try:
-            tracker.add_turn(msg["prompt_token_ids"], msg["generation_token_ids"], msg["generation_log_probs"])
+            tracker.add_turn(msg["prompt_token_ids"], msg["generation_token_ids"], msg["generation_log_probs"],
+                             turn_reply.versions)
         except ContiguityError as e:
             raise RolloutError("contiguity", str(e), engine_url) from None
         messages.append(_carried_message(msg, agent.carry_token_ids))
@@ -210,6 +195,7 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
         env=env.name, engine_url=engine_url,
         meta={"rollout_id": rollout_id, "sample_index": job.sample_index, "stop_reason": stop_reason,
               "finish_reasons": finish_reasons, "tool_calls": tool_calls_made,
+              "continued_generations": continuations,
               "elapsed_s": round(time.monotonic() - t0, 4), "verify": extra},
     )
 

@@ -209,7 +209,7 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
                         model: str = "default", engine_timeout_s: float = 120.0, rollout_timeout_s: float = 600.0,
                         retries: int = 2, jsonl_path: str | None = None, progress: bool = True,
                         decode: Callable[[list[int]], str] | None = None, group_id_offset: int = 0,
-                        requeue: Callable[[list[dict]], None] | None = None,
+                        requeue: Callable[[list[dict]], None] | None = None, continue_aborted: int = 0,
                         ) -> tuple[list[Sample], dict]:
     """Collect `batch_groups` complete groups of `group_size` rollouts each.
 
@@ -223,13 +223,16 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
         again: without it, dynamic sampling would favour the prompts whose rollouts finish first.
     sampling: temperature, top_p, max_tokens (per turn), optionally seed; a row's
         responses_create_params may override them.
+    continue_aborted: continue a turn that an in-flight weight update aborted, up to this often (partial
+        rollouts, rollout/turn.py); 0 fails it.
     Returns the samples of the kept groups (group order = completion order) and the batch metrics; the
     metrics' "failures" list reports every failed rollout.
     """
     pool = _pool(engine_urls, api_key, router, model)
     rows = list(rows)
     opts = LoopOptions(sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 64, **(sampling or {})},
-                       engine_timeout_s=engine_timeout_s, retries=retries, decode=decode)
+                       engine_timeout_s=engine_timeout_s, retries=retries, decode=decode,
+                       continue_aborted=continue_aborted)
     sink = JsonlSink(jsonl_path)
     bar = None
     if progress:

@@ -31,6 +31,18 @@ class Sample:
     # where a new, independent sequence starts: a turn whose prompt dropped what came before (a template
     # that rewrites history) splits the rollout there; the trainer scores each segment on its own
     segment_starts: list[int] = field(default_factory=list)
+    # the weight version that sampled each token (-1 where loss_mask is 0); [] when the engine did not say
+    # (a NeMo Gym model server in between). Asynchronous training bounds staleness with it.
+    gen_versions: list[int] = field(default_factory=list)
+
+    @property
+    def oldest_version(self) -> int | None:
+        generated = [v for v, m in zip(self.gen_versions, self.loss_mask) if m]
+        return min(generated) if generated else None
+
+    @property
+    def num_versions(self) -> int:
+        return len({v for v, m in zip(self.gen_versions, self.loss_mask) if m})
 
     @property
     def num_generated(self) -> int:

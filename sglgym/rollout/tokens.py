@@ -46,6 +46,8 @@ class TokenTracker:
         self.token_ids: list[int] = []
         self.loss_mask: list[int] = []
         self.logprobs: list[float] = []
+        self.versions: list[int] = []      # weight version per token (-1 where the policy did not generate)
+        self.versions_known = True         # False once a turn came without them (NeMo Gym's model server)
         self.spans: list[tuple[int, int]] = []
         self.segment_starts: list[int] = []
 
@@ -53,7 +55,8 @@ class TokenTracker:
     def num_turns(self) -> int:
         return len(self.spans)
 
-    def add_turn(self, prompt_ids: Sequence[int], gen_ids: Sequence[int], gen_logprobs: Sequence[float]) -> None:
+    def add_turn(self, prompt_ids: Sequence[int], gen_ids: Sequence[int], gen_logprobs: Sequence[float],
+                 gen_versions: Sequence[int] | None = None) -> None:
         start = self.segment_starts[-1] if self.segment_starts else 0
         seen = self.token_ids[start:]      # the current segment: what this turn's prompt must extend
         if len(gen_logprobs) != len(gen_ids):
@@ -68,13 +71,17 @@ class TokenTracker:
         self.token_ids += new_prompt
         self.loss_mask += [0] * len(new_prompt)
         self.logprobs += [0.0] * len(new_prompt)
+        self.versions += [-1] * len(new_prompt)
         start = len(self.token_ids)
         self.token_ids += list(gen_ids)
         self.loss_mask += [1] * len(gen_ids)
         self.logprobs += [float(x) for x in gen_logprobs]
+        self.versions += list(gen_versions) if gen_versions is not None else [0] * len(gen_ids)
+        self.versions_known = self.versions_known and gen_versions is not None
         self.spans.append((start, len(self.token_ids)))
 
     def to_sample(self, **fields) -> Sample:
         return Sample(token_ids=list(self.token_ids), loss_mask=list(self.loss_mask),
                       gen_logprobs=list(self.logprobs), turn_spans=list(self.spans),
-                      num_turns=self.num_turns, segment_starts=list(self.segment_starts), **fields)
+                      num_turns=self.num_turns, segment_starts=list(self.segment_starts),
+                      gen_versions=list(self.versions) if self.versions_known else [], **fields)
