@@ -63,6 +63,8 @@ class TrainConfig(BaseModel):
     steps: int = Field(140, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
     time_budget_s: Optional[float] = Field(None, gt=0)  # or stop GRPO early after this long (None: no limit)
     lr: float = Field(1e-3, gt=0)
+    max_staleness: int = Field(0, ge=0)     # async GRPO: a step trains on samples at most this many weight
+                                            # versions old, generated while earlier steps train (0: synchronous)
     ppo_epochs: int = Field(2, gt=0)        # optimizer steps per collected batch (verl ppo_epochs, TRL num_iterations)
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)

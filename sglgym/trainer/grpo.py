@@ -10,6 +10,7 @@ the end) a checkpoint is written; a run started with `resume_from` continues fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from .batches import split_over_ranks
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .policy import HFPolicy
+from .producer import RolloutProducer, bound_staleness, overlap_s
 from .ranks import Ranks
 from .refitter import Refitter
 from .rollouts import Rollouts
@@ -49,8 +51,11 @@ class GRPOTrainer:
         self.cfg, self.policy, self.ranks, self.refitter = cfg, policy, ranks, refitter
         self.rollouts, self.tokenizer, self.resume_from = rollouts, tokenizer, resume_from
         self.loss_cfg = cfg.loss_config()
+        if cfg.max_staleness and self.loss_cfg.tis_level is None:  # decoupled PPO needs the behaviour weight
+            self.loss_cfg = dataclasses.replace(self.loss_cfg, tis_level="token")
         self.update = PolicyUpdate(policy, self.loss_cfg, ppo_epochs=cfg.ppo_epochs,
-                                   micro_batch_tokens=cfg.micro_batch_tokens)
+                                   micro_batch_tokens=cfg.micro_batch_tokens, proximal=cfg.max_staleness > 0)
+        self.producer: RolloutProducer | None = None   # rank 0, max_staleness > 0: collects ahead
         self.out = Path(cfg.out_dir)
         self.checkpoints = Checkpointer(self.out, ranks, keep_last=cfg.keep_last)
         self.tracker: RunTracker | None = None
@@ -61,24 +66,35 @@ class GRPOTrainer:
         """One GRPO step on every rank; the step's metrics on rank 0 ({} elsewhere)."""
         t0 = time.perf_counter()
         batch = self._collect(step)
+        if self.producer is not None:
+            batch = bound_staleness(batch, self.refitter.version, self.cfg.max_staleness)
         shares = None
         if self.ranks.main and batch.samples:
             shares = self.ranks.per_rank(split_over_ranks(batch.samples, batch.advantages, self.ranks.dp_size))
         share = self.ranks.scatter(shares if shares is not None else [None] * self.ranks.world_size)
         if share is None:  # no group had reward signal: every rank skips the update
+            if self.producer is not None:
+                self.producer.trained_through(step)
             return {"step": step, **batch.metrics} if self.ranks.main else {}
         t1 = time.perf_counter()
         train = self.update(*share)
         t_train = time.perf_counter() - t1
         refit = self.refitter.refit()
+        t2 = time.perf_counter()
+        if self.producer is not None:
+            self.producer.trained_through(step)
         probe = {}
         if self.cfg.probe_every and step % self.cfg.probe_every == 0:
             probe = self.refitter.check_agreement([s.token_ids for s in batch.samples] if self.ranks.main else None,
                                                   atol=self.cfg.probe_atol)
         if not self.ranks.main:
             return {}
-        return {"step": step, **batch.metrics, **train, "train_s": t_train, **refit, **probe,
-                "step_s": time.perf_counter() - t0}
+        step_s = time.perf_counter() - t0
+        timing = {"train_s": t_train, "step_s": step_s}
+        if self.producer is not None:   # both busy: the trainer (train + refit) and the producer (generating)
+            both = overlap_s(self.producer.busy_within(t0, t0 + step_s), [(t1, t2)])
+            timing["overlap_frac"] = both / max(step_s, 1e-9)
+        return {"step": step, **batch.metrics, **train, **refit, **probe, **timing}
 
     def _collect(self, step: int):
         """Rank 0 collects the step's batch (None elsewhere). An engine restarted on the way is refit by
@@ -90,7 +106,7 @@ class GRPOTrainer:
             status, batch = "ok", None
             if self.ranks.main:
                 try:
-                    batch = self.rollouts.step_batch(step)
+                    batch = self.producer.get(step) if self.producer is not None else self.rollouts.step_batch(step)
                     status = "refit" if batch.refit_needed else "ok"
                 except EngineLost as e:
                     status, lost = "lost", e
@@ -102,15 +118,21 @@ class GRPOTrainer:
                     self.save(step - 1, self.before)
                 raise lost if self.ranks.main else RuntimeError("rank 0 lost its engines; see its error")
             self.refitter.refit(version=self.refitter.version)
+            if self.producer is not None:
+                self.producer.refit_done()
 
     def save(self, step: int, before: dict) -> None:
         """A checkpoint after `step` (every rank): the policy, RNG, and what rank 0 knows of the run."""
         t0 = time.perf_counter()
         state = {"weight_version": self.refitter.version, "before": before, "config": self.cfg.model_dump(),
-                 "rows": self.rollouts.rows.state() if self.ranks.main else None}
+                 "rows": self._rows_cursor(step) if self.ranks.main else None}
         path = self.checkpoints.save(step, self.policy, state)
         if self.ranks.main:
             print(f"\n[train] checkpoint {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    def _rows_cursor(self, step: int) -> dict:
+        """Where the rows of step+1 start (the producer may have taken later steps' rows already)."""
+        return self.producer.cursor_before(step + 1) if self.producer is not None else self.rollouts.rows.state()
 
     def _fresh_start(self) -> dict:
         """Warm-up, KL reference, probe and the evaluation before GRPO: what a run starts from."""
@@ -176,8 +198,18 @@ class GRPOTrainer:
         if main:
             self.tracker = RunTracker(self.out, cfg.loggers, first_step=last_step + 1, config=summary["config"],
                                       wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode)
+        if main and cfg.max_staleness:
+            self.producer = RolloutProducer(self.rollouts, last_step + 1, cfg.steps, cfg.max_staleness,
+                                            lambda: self.refitter.version)
         try:
-            summary["grpo_steps"] = self._grpo_steps(last_step + 1, before)
+            try:
+                summary["grpo_steps"] = self._grpo_steps(last_step + 1, before)
+            except BaseException:
+                if self.producer is not None:
+                    self.producer.stop(timeout_s=5)   # a daemon thread: it ends with the process
+                raise
+            if self.producer is not None:
+                self.producer.stop()
             after = self.rollouts.evaluate("after GRPO") if main else {}
         finally:
             self.refitter.close()

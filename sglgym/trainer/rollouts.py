@@ -69,7 +69,8 @@ class Rollouts:
             self.fleet, self.engine_urls, rows, group_size=group_size, batch_groups=groups,
             sampling=sampling,
             concurrency=cfg.concurrency, dynamic_sampling=dynamic, api_key=self.api_key, progress=False,
-            group_id_offset=offset, requeue=requeue)
+            group_id_offset=offset, requeue=requeue,
+            continue_aborted=8 if cfg.max_staleness else 0)   # async: refits abort turns in flight
 
     def step_batch(self, step: int, attempts: int = 3) -> StepBatch:
         """The step's groups (dynamic sampling keeps those with reward signal) and their advantages. When

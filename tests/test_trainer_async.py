@@ -1,0 +1,87 @@
+"""Asynchronous GRPO (`max_staleness: k`): `sglgym train` end to end against a live engine, and the
+staleness bound on its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglgym.rollout.samples import Sample
+from sglgym.trainer.producer import bound_staleness, overlap_s
+from sglgym.trainer.rollouts import StepBatch
+
+ASYNC_KEYS = {"staleness_mean", "staleness_max", "partial_rollout_frac", "dropped_stale_frac", "overlap_frac",
+              "weight_version", "token_version_min", "token_version_max", "batch_start_version"}
+
+
+def _train(engine, out, k: int) -> list[dict]:
+    from sglgym.trainer.cli import main
+
+    main(["--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(out),
+          "--set", f"max_staleness={k}", "--set", "steps=4", "--set", "sft_steps=3", "--set", "sft_batch=8",
+          "--set", "group_size=4", "--set", "batch_groups=3", "--set", "dynamic_sampling=false",
+          "--set", "max_tokens=48", "--set", "eval_rows=4", "--set", "eval_samples=1", "--set", "probe_every=2",
+          "--set", "rollout_seed=5"])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sync_run(engine, tmp_path_factory):
+    return _train(engine, tmp_path_factory.mktemp("sync") / "run", 0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_async_train_bounds_staleness_and_knows_every_version(engine, control, restore_engine, tmp_path, sync_run, k):
+    lines = _train(engine, tmp_path / "run", k)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] == [m["step"] for m in sync_run]
+    assert not ASYNC_KEYS & set(sync_run[0])                       # k = 0 is today's loop, same keys
+    version = 1                                                    # the warm-up's refit
+    for m in lines:
+        assert m["rollout_failures"] == 0 and m["samples"] == 12
+        assert set(sync_run[0]) - {"probe_ok", "probe_max_abs_diff"} <= set(m)
+        assert ASYNC_KEYS <= set(m)
+        assert m["weight_version"] == version                      # one refit per trained step
+        # every trained token was sampled by weights of a refit that happened, at most k versions back
+        assert version - k <= m["token_version_min"] <= m["token_version_max"] <= version
+        assert 0 <= m["staleness_mean"] <= m["staleness_max"] <= k and m["dropped_stale_frac"] == 0.0
+        assert 0.0 <= m["overlap_frac"] < 1.0 and "tis_weight_mean" in m   # decoupled PPO's weight
+        version += 1
+    # generation ran ahead of training: some step trained on tokens of the previous weights. (Whether a
+    # rollout is in flight at a refit depends on timing here; test_async_engine cuts one on purpose.)
+    assert max(m["staleness_max"] for m in lines) >= 1
+    assert all(0.0 <= m["partial_rollout_frac"] <= 1.0 for m in lines)
+    assert control.weight_version() == f"step-{version}"             # the last step's refit
+
+
+def _sample(group: int, versions: list[int]) -> Sample:
+    n = len(versions)
+    return Sample(token_ids=[1] * (n + 2), loss_mask=[0, 0] + [1] * n, gen_logprobs=[0.0, 0.0] + [-1.0] * n,
+                  turn_spans=[(2, n + 2)], reward=float(group), group_id=group, prompt_index=group, truncated=False,
+                  num_turns=1, env="t", engine_url="", gen_versions=[-1, -1] + versions)
+
+
+def test_bound_drops_whole_groups_older_than_k_and_counts_them():
+    samples = [_sample(0, [5, 5]), _sample(0, [5, 6]), _sample(1, [3, 4]), _sample(1, [6, 6]), _sample(2, [4, 6])]
+    batch = StepBatch(samples, [0.1, -0.1, 0.2, -0.2, 0.0], {"batch_start_version": 4})
+    out = bound_staleness(batch, version=6, max_staleness=2)       # group 1 holds a token of version 3
+    assert [s.group_id for s in out.samples] == [0, 0, 2] and out.advantages == [0.1, -0.1, 0.0]
+    m = out.metrics
+    assert m["dropped_stale_frac"] == pytest.approx(1 / 3)
+    assert m["staleness_max"] == 2 and m["staleness_mean"] == pytest.approx((1 + 1 + 1 + 0 + 2 + 0) / 6)
+    assert m["partial_rollout_frac"] == pytest.approx(2 / 3)       # [5, 6] and [4, 6]
+    assert (m["token_version_min"], m["token_version_max"]) == (4, 6)
+
+
+def test_bound_takes_the_batch_start_for_samples_without_versions():
+    s = _sample(0, [0, 0])
+    s.gen_versions = []            # NeMo Gym's model server reports no versions
+    out = bound_staleness(StepBatch([s], [0.0], {"batch_start_version": 3}), version=5, max_staleness=1)
+    assert out.samples == [] and out.metrics["dropped_stale_frac"] == 1.0
+    out = bound_staleness(StepBatch([s], [0.0], {"batch_start_version": 4}), version=5, max_staleness=1)
+    assert len(out.samples) == 1 and out.metrics["staleness_max"] == 1
+
+
+def test_overlap_counts_time_both_were_busy():
+    assert overlap_s([(0.0, 2.0), (3.0, 4.0)], [(1.0, 3.5)]) == pytest.approx(1.5)
+    assert overlap_s([(0.0, 1.0)], [(1.0, 2.0)]) == 0.0
