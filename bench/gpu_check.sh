@@ -6,6 +6,8 @@
 # `sglgym bench --base-url` on any GPU server with sglang. Writes JSON (with the device name) to $OUT
 # (or bench/results/ when OUT is unset): the backends' update steps/s at 1 rank in bf16/fp32-master,
 # the full-weight gather, and the kernels' GPU benchmark.
+# Async GRPO (bench/bench_async.py) needs an engine, so sglang: run it on a GPU machine that has it,
+#   python bench/bench_async.py --steps 40 --json bench/results/async-<gpu>.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}

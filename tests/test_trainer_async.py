@@ -85,3 +85,29 @@ def test_bound_takes_the_batch_start_for_samples_without_versions():
 def test_overlap_counts_time_both_were_busy():
     assert overlap_s([(0.0, 2.0), (3.0, 4.0)], [(1.0, 3.5)]) == pytest.approx(1.5)
     assert overlap_s([(0.0, 1.0)], [(1.0, 2.0)]) == 0.0
+
+
+def test_proximal_update_on_a_fresh_batch_equals_the_synchronous_one(tiny_model_path):
+    """Decoupled PPO (k > 0) scores the batch with the weights the step starts from; on a batch those very
+    weights generated that is the synchronous update: same loss, same weights after, to float precision.
+    With token-level TIS the engine's logprobs then weigh each token (they differ here: synthetic)."""
+    from transformers import AutoConfig
+    from trainer_helpers import synthetic_batch
+
+    from sglgym.kernels import GRPOLossConfig
+    from sglgym.trainer.policy import HFPolicy, OptimConfig
+    from sglgym.trainer.update import PolicyUpdate
+
+    batch = synthetic_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size)
+    sync, proximal = (HFPolicy(tiny_model_path, OptimConfig(lr=1e-3)) for _ in range(2))
+    m_sync = PolicyUpdate(sync, GRPOLossConfig(), ppo_epochs=1, micro_batch_tokens=48)(
+        batch["samples"], batch["advantages"])
+    m_prox = PolicyUpdate(proximal, GRPOLossConfig(), ppo_epochs=1, micro_batch_tokens=48, proximal=True)(
+        batch["samples"], batch["advantages"])
+    assert m_sync["loss"] == pytest.approx(m_prox["loss"], abs=1e-6) and m_sync["loss"] != 0.0
+    after_sync, after_prox = dict(sync.named_tensors()), dict(proximal.named_tensors())
+    assert max(float((after_sync[n] - after_prox[n]).abs().max()) for n in after_sync) <= 1e-6
+
+    tis = PolicyUpdate(HFPolicy(tiny_model_path, OptimConfig(lr=1e-3)), GRPOLossConfig(tis_level="token"),
+                       ppo_epochs=1, micro_batch_tokens=48, proximal=True)(batch["samples"], batch["advantages"])
+    assert tis["tis_weight_mean"] != pytest.approx(1.0, abs=1e-3) and tis["loss"] != pytest.approx(m_sync["loss"])

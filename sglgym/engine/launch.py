@@ -52,6 +52,9 @@ def wants_cpu(argv: list[str]) -> bool:
 def prepare_cpu_environment() -> None:
     """Must run before anything imports sglang: the env vars are read at import time."""
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    # One OpenMP thread per engine process unless set: the tiny CPU engine is bound by Python, and torch's
+    # threads spinning against the trainer's (async GRPO) or other tenants slowed both several times over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     shim = str(CPU_SHIM_DIR)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != shim]
     os.environ["PYTHONPATH"] = os.pathsep.join([shim, *paths])  # inherited by spawned children
