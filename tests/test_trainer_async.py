@@ -111,3 +111,19 @@ def test_proximal_update_on_a_fresh_batch_equals_the_synchronous_one(tiny_model_
     tis = PolicyUpdate(HFPolicy(tiny_model_path, OptimConfig(lr=1e-3)), GRPOLossConfig(tis_level="token"),
                        ppo_epochs=1, micro_batch_tokens=48, proximal=True)(batch["samples"], batch["advantages"])
     assert tis["tis_weight_mean"] != pytest.approx(1.0, abs=1e-3) and tis["loss"] != pytest.approx(m_sync["loss"])
+
+
+def test_async_multi_turn_rollouts_span_refits(engine, restore_engine, tmp_path):
+    """`guess` (six turns): the next batch's rollouts are in flight while a step trains and refits, so their
+    turns come from two weight versions; each trains with the version of every token known and within k."""
+    from sglgym.trainer.cli import main
+
+    main(["--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(tmp_path / "run"),
+          "--set", "env=guess", "--set", "max_staleness=1", "--set", "steps=3", "--set", "sft_steps=0",
+          "--set", "group_size=4", "--set", "batch_groups=4", "--set", "dynamic_sampling=false",
+          "--set", "max_tokens=24", "--set", "eval_rows=2", "--set", "eval_samples=1", "--set", "probe_every=3"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rollout_failures"] for m in lines] == [0, 0, 0] and lines[-1]["probe_ok"] is True
+    assert max(m["partial_rollout_frac"] for m in lines[1:]) > 0
+    for m in lines:
+        assert m["weight_version"] - 1 <= m["token_version_min"] <= m["token_version_max"] <= m["weight_version"]
