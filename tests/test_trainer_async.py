@@ -113,11 +113,14 @@ def test_proximal_update_on_a_fresh_batch_equals_the_synchronous_one(tiny_model_
     assert tis["tis_weight_mean"] != pytest.approx(1.0, abs=1e-3) and tis["loss"] != pytest.approx(m_sync["loss"])
 
 
-def test_async_multi_turn_rollouts_span_refits(engine, restore_engine, tmp_path):
+def test_async_multi_turn_rollouts_span_refits(engine, control, restore_engine, tmp_path):
     """`guess` (six turns): the next batch's rollouts are in flight while a step trains and refits, so their
-    turns come from two weight versions; each trains with the version of every token known and within k."""
+    turns come from two weight versions; each trains with the version of every token known and within k.
+    The engine starts labelled by an earlier run (step-7): with no warm-up the run refits it to step-0."""
     from sglgym.trainer.cli import main
+    from sglgym.trainer.refit import refit_from_tensor
 
+    refit_from_tensor(control, restore_engine.named_tensors(), version="step-7")
     main(["--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(tmp_path / "run"),
           "--set", "env=guess", "--set", "max_staleness=1", "--set", "steps=3", "--set", "sft_steps=0",
           "--set", "group_size=4", "--set", "batch_groups=4", "--set", "dynamic_sampling=false",

@@ -146,6 +146,8 @@ class GRPOTrainer:
         if warm:
             self.refitter.refit()
             before.update(warm)
+        elif cfg.max_staleness:   # async compares token versions with ours: the engine must be at step-0 too
+            self.refitter.refit(version=0)
         if self.loss_cfg.kl_type is not None:  # KL to the policy GRPO starts from (after the warm-up)
             self.policy.freeze_reference()
         probe_rows = ([prompt_ids(self.tokenizer, row) for env in self.rollouts.envs.values() for row in env.dataset(2, seed=7)]
