@@ -36,13 +36,17 @@ class Sample:
     gen_versions: list[int] = field(default_factory=list)
 
     @property
+    def generated_versions(self) -> list[int]:
+        """The weight version of each generated token ([] when unknown)."""
+        return [v for v, m in zip(self.gen_versions, self.loss_mask) if m]
+
+    @property
     def oldest_version(self) -> int | None:
-        generated = [v for v, m in zip(self.gen_versions, self.loss_mask) if m]
-        return min(generated) if generated else None
+        return min(self.generated_versions, default=None)
 
     @property
     def num_versions(self) -> int:
-        return len({v for v, m in zip(self.gen_versions, self.loss_mask) if m})
+        return len(set(self.generated_versions))
 
     @property
     def num_generated(self) -> int:

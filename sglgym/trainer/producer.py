@@ -127,14 +127,13 @@ def bound_staleness(batch: StepBatch, version: int, max_staleness: int) -> StepB
     start = batch.metrics.get("batch_start_version", version)
     oldest = {}
     for s in batch.samples:
-        v = s.oldest_version if s.gen_versions else None
+        v = s.oldest_version
         v = start if v is None else v
         oldest[s.group_id] = min(oldest.get(s.group_id, v), v)
     stale = {g for g, v in oldest.items() if version - v > max_staleness}
     keep = [i for i, s in enumerate(batch.samples) if s.group_id not in stale]
     samples = [batch.samples[i] for i in keep]
-    versions = [v for s in samples for v in
-                ([v for v, m in zip(s.gen_versions, s.loss_mask) if m] if s.gen_versions else [start] * s.num_generated)]
+    versions = [v for s in samples for v in (s.generated_versions or [start] * s.num_generated)]
     lags = [version - v for v in versions]
     metrics = {**batch.metrics, "weight_version": version, "token_version_min": min(versions, default=version),
                "token_version_max": max(versions, default=version),
