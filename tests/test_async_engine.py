@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import torch
 
 from sglgym.rollout.agent import LoopOptions
+from sglgym.rollout.transport import make_client
 from sglgym.rollout.turn import model_turn, version_number
 from sglgym.trainer.refit import refit_from_tensor
 
@@ -71,7 +71,7 @@ async def _turn_cut_by(engine, cut, delay_s: float, continue_aborted: int = 4):
     """One 1500-token turn through the agent's `model_turn`, with `cut()` run (in a thread) after delay_s."""
     opts = LoopOptions(engine_timeout_s=120.0, retries=0, continue_aborted=continue_aborted)
     body = {"model": "sglgym-tiny", "messages": USER, "max_tokens": 1500, "temperature": 1.0, "ignore_eos": True}
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with make_client(4, timeout_s=120) as client:
         task = asyncio.create_task(model_turn(client, engine.base_url, body, opts, engine.headers))
         await asyncio.sleep(delay_s)
         await asyncio.to_thread(cut)

@@ -32,6 +32,7 @@ def collect(stream) -> tuple[dict, object]:
                 o["lps"] += [e.logprob for e in c.logprobs.content]
             if c.finish_reason:
                 o["finish"], o["bundle"] = c.finish_reason, c.delta.model_extra
+                o["versions"] = {k: (c.model_extra or {}).get(k) for k in ("weight_version", "weight_versions")}
     return out, usage
 
 
@@ -50,6 +51,9 @@ def test_stream_equals_the_non_streaming_reply(client):
     assert s["bundle"]["generation_token_ids"] == gen
     assert s["bundle"]["prompt_token_ids"] == whole.message.model_extra["prompt_token_ids"]
     assert s["bundle"]["generation_log_probs"] == pytest.approx(s["lps"], abs=1e-6)
+    # and which weights sampled which tokens (async GRPO reads it)
+    versions = {k: whole.model_extra[k] for k in ("weight_version", "weight_versions")}
+    assert s["versions"] == versions and versions["weight_versions"][-1]["end"] == 16
 
 
 def test_stream_n_choices_and_usage(client):

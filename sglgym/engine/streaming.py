@@ -3,7 +3,8 @@
 Each choice streams OpenAI chunk deltas: content (or reasoning / tool-call deltas, through SGLang's own
 streaming parsers), and `logprobs.content` for the new tokens (`token_id:N` on request). The choice's
 last chunk carries the same `prompt_token_ids`, `generation_token_ids` and `generation_log_probs` as the
-non-streaming message, so a streaming client can train on exactly what was sampled.
+non-streaming message, so a streaming client can train on exactly what was sampled, and the same
+`weight_version` / `weight_versions` (which weights sampled which tokens).
 
 SGLang streams cumulative outputs (text and logprobs so far); a `ChoiceStream` keeps how much of each it
 has already sent and emits the rest.
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 
 from .protocol import ChatRequest
-from .responses import FINISH
+from .responses import FINISH, weight_versions
 
 
 # Characters that JSON leaves raw but that line readers built on str.splitlines (httpx's iter_lines, among
@@ -115,17 +116,18 @@ class ChoiceStream:
         if delta or (logprobs and logprobs["content"]):
             choices.append({"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
         if finish is not None:
-            choices.append(self._close(finish, prompt_ids, token_lps))
+            choices.append(self._close(meta, prompt_ids, token_lps))
         return choices
 
-    def _close(self, finish: dict, prompt_ids: list[int], token_lps: list) -> dict:
+    def _close(self, meta: dict, prompt_ids: list[int], token_lps: list) -> dict:
+        finish = meta["finish_reason"]
         reason = FINISH.get(finish.get("type"), "stop")
         if reason == "stop" and self.saw_call:
             reason = "tool_calls"
         bundle = {"prompt_token_ids": prompt_ids, "generation_token_ids": [int(t[1]) for t in token_lps],
                   "generation_log_probs": [float(t[0]) for t in token_lps]}
         return {"index": self.index, "delta": bundle, "logprobs": None, "finish_reason": reason,
-                "matched_stop": finish.get("matched")}
+                "matched_stop": finish.get("matched"), **weight_versions(meta, len(token_lps))}
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .engines import EnginePool
 from .env import Env
@@ -48,7 +48,7 @@ class RolloutJob:
     sample_index: int
 
 
-async def _env_call(client: httpx.AsyncClient, env: Env, path: str, body: dict, cookies: dict,
+async def _env_call(client: aiohttp.ClientSession, env: Env, path: str, body: dict, cookies: dict,
                     timeout_s: float, retries: int, stage: str) -> dict:
     """POST to the resources server; the reply must be a JSON object (else a clear protocol error)."""
     url = f"{env.url}/{path.lstrip('/')}"
@@ -68,7 +68,7 @@ async def _env_call(client: httpx.AsyncClient, env: Env, path: str, body: dict, 
     return reply.body
 
 
-async def _call_tool(client: httpx.AsyncClient, env: Env, call: dict, cookies: dict, retries: int) -> str:
+async def _call_tool(client: aiohttp.ClientSession, env: Env, call: dict, cookies: dict, retries: int) -> str:
     """The tool's output as text. Model mistakes (bad JSON, unknown tool, a 4xx) become the output, as NeMo
     Gym's agents do; an unreachable server or a 5xx after the retries fails the rollout (stage `tool`)."""
     fn = call.get("function") or {}
@@ -109,8 +109,8 @@ def _carried_message(msg: dict, carry_ids: bool) -> dict:
     return out
 
 
-async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine_client: httpx.AsyncClient,
-                      env_client: httpx.AsyncClient, opts: LoopOptions) -> Sample:
+async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine_client: aiohttp.ClientSession,
+                      env_client: aiohttp.ClientSession, opts: LoopOptions) -> Sample:
     if job.env.config.type == "nemo_gym":
         return await run_via_nemo_gym_agent(job, env_client, opts)
     env, row, agent = job.env, job.row, job.env.config.agent
@@ -200,7 +200,7 @@ async def run_rollout(job: RolloutJob, engine_url: str, pool: EnginePool, engine
     )
 
 
-async def run_via_nemo_gym_agent(job: RolloutJob, client: httpx.AsyncClient, opts: LoopOptions) -> Sample:
+async def run_via_nemo_gym_agent(job: RolloutJob, client: aiohttp.ClientSession, opts: LoopOptions) -> Sample:
     """A rollout run by a NeMo Gym agent server (`POST /run`): it calls the model server (which calls our
     engine) and the resources server itself; the ids come back on the output items."""
     from .nemo_gym import row_for_run, turns_from_output

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .agent import LoopOptions, RolloutJob, run_rollout
 from .engines import EnginePool
@@ -85,8 +85,8 @@ class Collector:
         self.limit = asyncio.Semaphore(concurrency)
         self.finished: list[Sample] = []
         self.failures: list[dict] = []
-        self.engine_client: httpx.AsyncClient | None = None
-        self.env_client: httpx.AsyncClient | None = None
+        self.engine_client: aiohttp.ClientSession | None = None
+        self.env_client: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Collector":
         # One bounded pool for engines, one for environments: sockets never exceed the concurrency.
@@ -95,8 +95,8 @@ class Collector:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.engine_client.aclose()
-        await self.env_client.aclose()
+        await self.engine_client.close()
+        await self.env_client.close()
 
     async def _one(self, job: RolloutJob) -> tuple[Sample | None, dict | None]:
         async with self.limit:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .errors import RolloutError
 from .transport import Reply, TransportError, post_json
@@ -49,7 +49,7 @@ class Turn:
     continuations: int = 0          # how often a weight update cut it and it was continued
 
 
-async def _post(client: httpx.AsyncClient, url: str, body: dict, engine_url: str, opts, headers: dict) -> Reply:
+async def _post(client: aiohttp.ClientSession, url: str, body: dict, engine_url: str, opts, headers: dict) -> Reply:
     try:
         return await post_json(client, url, body, timeout_s=opts.engine_timeout_s, retries=opts.retries,
                                headers=headers)
@@ -69,7 +69,7 @@ def _message(reply: Reply, engine_url: str) -> tuple[dict, dict]:
     return choice, msg
 
 
-async def model_turn(client: httpx.AsyncClient, engine_url: str, body: dict, opts, headers: dict) -> Turn | None:
+async def model_turn(client: aiohttp.ClientSession, engine_url: str, body: dict, opts, headers: dict) -> Turn | None:
     """The turn's reply; None when the conversation no longer fits the context (a truncated rollout)."""
     url = f"{engine_url}/v1/chat/completions"
     reply = await _post(client, url, body, engine_url, opts, headers)

@@ -65,6 +65,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     max_staleness: int = Field(0, ge=0)     # async GRPO: a step trains on samples at most this many weight
                                             # versions old, generated while earlier steps train (0: synchronous)
+    continue_aborted: int = Field(8, ge=0)  # async: how often one turn that a weight update aborted is continued
     ppo_epochs: int = Field(2, gt=0)        # optimizer steps per collected batch (verl ppo_epochs, TRL num_iterations)
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -179,7 +180,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = (),
 # keys a resumed run may change: where things run and how long, not what is trained
 RESUMABLE_KEYS = ("model_path", "engine_url", "engine_urls", "engine_api_key", "serve_args", "concurrency",
                   "dist_timeout_s", "refit_timeout_s", "engine_wait_s", "steps", "time_budget_s", "probe_every", "eval_rows", "eval_samples", "out_dir",
-                  "save_every", "keep_last", "loggers", "wandb_project", "wandb_mode")
+                  "save_every", "keep_last", "loggers", "wandb_project", "wandb_mode", "continue_aborted")
 
 
 def config_diff(saved: dict, current: TrainConfig) -> list[str]:

@@ -70,7 +70,7 @@ class Rollouts:
             sampling=sampling,
             concurrency=cfg.concurrency, dynamic_sampling=dynamic, api_key=self.api_key, progress=False,
             group_id_offset=offset, requeue=requeue,
-            continue_aborted=8 if cfg.max_staleness else 0)   # async: refits abort turns in flight
+            continue_aborted=cfg.continue_aborted if cfg.max_staleness else 0)  # async: refits may abort turns
 
     def step_batch(self, step: int, attempts: int = 3) -> StepBatch:
         """The step's groups (dynamic sampling keeps those with reward signal) and their advantages. When
