@@ -128,3 +128,33 @@ def test_async_train_on_nemo_gym_env(nemo_gym_venv, engine, control, restore_eng
         assert m["weight_version"] == m["step"] - 1     # trains from the weights of the step before
     assert max(m["staleness_max"] for m in lines) == 1   # generated ahead: a later step used older weights
     assert control.weight_version() == "step-3"
+
+
+def test_dead_nemo_gym_server_is_restarted(nemo_gym_venv, engine):
+    """One of NeMo Gym's servers dies (its resources server, SIGKILL): rollouts fail; the fleet's
+    `restart_dead` (what the trainer's recovery calls) starts the whole `gym env start` again on the same
+    ports, the old process tree is gone, and rollouts succeed again."""
+    import signal
+
+    import psutil
+
+    fleet = EnvFleet(select(load_config(CONFIG), ["nemo_gym_multi_turn"]), engine_urls=[engine.base_url],
+                     api_key=engine.api_key)
+    collect = lambda: collect_batch_sync(fleet, [engine.base_url], fleet["nemo_gym_multi_turn"].dataset(2),  # noqa: E731
+                                         group_size=1, batch_groups=2, sampling={"max_tokens": 12}, progress=False)
+    with fleet:
+        run = fleet.extra_servers[0]
+        assert fleet.restart_dead() == []                     # all up: nothing restarted
+        port = run.ports["example_multi_turn_gymnasium"]      # the resources server
+        victim = next(c.pid for c in psutil.net_connections("tcp")
+                      if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN)
+        old_tree = descendants(run.server.pid) | {run.server.pid}
+        os.kill(victim, signal.SIGKILL)
+        _, m = collect()
+        assert m["rollouts_failed"] == 2
+        assert fleet.restart_dead() == ["nemo_gym_multi_turn"]
+        assert wait_dead(old_tree - {victim}, 60) == []
+        assert run.healthy() and fleet.restart_dead() == []
+        samples, m = collect()
+        assert m["rollouts_failed"] == 0, m["failures"][:2]
+        assert len(samples) == 2

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -122,10 +123,32 @@ def _instance(configs: list[dict], name: str) -> tuple[str, str]:
 
 @dataclass
 class NemoGymRun:
-    """The `gym env start` process and what it serves."""
+    """The `gym env start` process of one env, what it serves, and how to start it again."""
+    name: str
     server: ServerProcess
     agent_url: str
     ports: dict = field(default_factory=dict)
+    cmd: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    cwd: Path | None = None
+    startup_timeout_s: float = 600.0
+
+    def start(self) -> None:
+        self.server = start_process(f"nemo-gym-{self.name}", self.cmd, self.agent_url, env=self.env, cwd=self.cwd)
+        try:
+            _wait_ready(self, self.ports, self.startup_timeout_s)
+        except BaseException:
+            self.stop(grace_s=5.0)
+            raise
+
+    def healthy(self) -> bool:
+        """`gym env start` runs and every one of its servers accepts connections."""
+        return self.server.alive() and all(_accepts(port) for port in self.ports.values())
+
+    def restart(self) -> None:
+        """Stop what is left of the run and start it again on the same ports (the agent URL stays)."""
+        self.stop(grace_s=10.0)
+        self.start()
 
     def stop(self, grace_s: float = 30.0) -> None:
         proc = self.server.process
@@ -198,16 +221,20 @@ def start_nemo_gym(cfg: EnvConfig, fleet) -> Env:
     # NeMo Gym (hydra) writes outputs/<date>/ into its working directory: keep that out of the caller's.
     run_dir = LOG_DIR / f"nemo-gym-{cfg.name}-run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    server = start_process(f"nemo-gym-{cfg.name}", cmd, agent_url, env=env, cwd=run_dir)
-    run = NemoGymRun(server, agent_url, ports)
+    run = NemoGymRun(cfg.name, None, agent_url, ports, cmd, env, run_dir, cfg.startup_timeout_s)
+    run.start()
     fleet.extra_servers.append(run)
-    _wait_ready(run, ports, cfg.startup_timeout_s)
     return Env(cfg, agent_url, engine_urls=engine_urls)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:
     """Every instance port accepts connections (gym env start prints its own progress into the log)."""
-    import socket
     deadline = time.monotonic() + timeout_s
     waiting = dict(ports)
     while waiting:
@@ -215,10 +242,8 @@ def _wait_ready(run: NemoGymRun, ports: dict, timeout_s: float) -> None:
             raise RuntimeError(f"gym env start exited with {run.server.process.returncode}; log {run.server.log_path}:\n"
                                f"{run.server.log_tail(4000)}")
         for name, port in list(waiting.items()):
-            with socket.socket() as s:
-                s.settimeout(0.5)
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    waiting.pop(name)
+            if _accepts(port):
+                waiting.pop(name)
         if time.monotonic() > deadline:
             raise TimeoutError(f"NeMo Gym servers {sorted(waiting)} not up after {timeout_s:.0f}s; log "
                                f"{run.server.log_path}:\n{run.server.log_tail(4000)}")

@@ -81,11 +81,16 @@ class EnvFleet:
         self.extra_servers.clear()
 
     def restart_dead(self) -> list[str]:
-        """Restart every env server of ours that died (same port: clients keep its URL); their names."""
+        """Restart every env server of ours that died (same port: clients keep its URL), and every NeMo Gym
+        run with a server down (all of its `gym env start`, on the same ports); their names."""
         restarted = []
+        for run in self.extra_servers:
+            if not run.healthy():
+                run.restart()
+                restarted.append(run.name)
         for name, env in self.envs.items():
             if env.server is None or env.server.alive():
-                continue  # external, NeMo Gym's own (its `gym env start` is not restarted here), or alive
+                continue  # external, NeMo Gym's (above), or alive
             stop_process(env.server, grace_s=1)
             port = int(env.url.rsplit(":", 1)[1])
             env.server = start_process(f"env-{name}", env_server_command(env.config, port), env.url)
