@@ -231,6 +231,30 @@ def test_dynamic_sampling_filters_equal_reward_groups(fleet, tmp_path):
     assert len(requeued) >= len(rows) - 6      # three groups at a time: the batch fills long before row 6
 
 
+def test_batch_comes_in_row_order_whatever_finishes_first(fleet):
+    """The first row's rollouts answer last, yet the batch lists groups in row order: the trainer's
+    micro-batches (and so its float sums) must not depend on timing, or a resumed run drifts."""
+    import asyncio
+
+    app = scripted_engine(lambda m, b: ("3", None, "stop"))
+
+    @app.middleware("http")
+    async def slower_for_earlier_rows(request, call_next):
+        prompt, _, _ = unpack_rollout_seed(json.loads(await request.body())["seed"], 0)
+        await asyncio.sleep(0.3 * (2 - prompt))
+        return await call_next(request)
+
+    rows = Env(fleet["guess"].config, "").dataset(3)
+    for r in rows:
+        r["target"] = 3
+    with serve_in_thread(app) as engine_url:
+        samples, m = collect_batch_sync(fleet, engine_url, rows, group_size=2, batch_groups=3, concurrency=8,
+                                        sampling={"seed": 0, "max_tokens": 8}, progress=False)
+    assert m["rollouts_failed"] == 0
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
+    assert [s.group_id for s in samples] == sorted(s.group_id for s in samples)
+
+
 def test_rollout_seeds_never_collide():
     seeds = {rollout_seed(1234, p, s, t) for p in range(64) for s in range(32) for t in range(6)}
     assert len(seeds) == 64 * 32 * 6 and all(0 <= x < 2 ** 63 for x in seeds)

@@ -221,3 +221,28 @@ def test_train_flags_set_fields_as_given():
     cfg = load(args)
     assert cfg.engine_api_key == "123456" and cfg.out_dir == "2024-01-01"
     assert cfg.engines() == ["http://a:1", "http://b:2"]
+
+
+def test_distributed_refit_is_one_group_with_every_replica(control, restore_engine, tiny_model_path, tmp_path):
+    """`refit: distributed` with two engine replicas: one weight-update group (trainer rank 0, the engines
+    at rank offsets 1 and 2), each bucket broadcast once; both engines end on the trainer's weights."""
+    from conftest import start_engine, stop_engine
+
+    replica = start_engine("dist-replica")
+    other = EngineControl(replica.base_url, replica.api_key)
+    policy = HFPolicy(tiny_model_path, OptimConfig(lr=1e-2))
+    with torch.no_grad():   # weights the engines do not have yet
+        for p in policy.model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    refitter = Refitter("distributed", policy, Ranks(), [control, other], tmp_path)
+    refitter.version = 8
+    try:
+        refitter.refit()
+        assert torch.distributed.get_world_size(refitter.group.group) == 3
+        agreement = refitter.check_agreement([list(range(3, 40))])
+        refitter.refit()                      # the group is kept between refits
+        assert control.weight_version() == other.weight_version() == "step-10"
+    finally:
+        refitter.close()
+        stop_engine(replica)
+    assert agreement["probe_ok"] and agreement["probe_max_abs_diff"] <= 1e-4

@@ -130,3 +130,40 @@ def test_async_multi_turn_rollouts_span_refits(engine, control, restore_engine, 
     assert max(m["partial_rollout_frac"] for m in lines[1:]) > 0
     for m in lines:
         assert m["weight_version"] - 1 <= m["token_version_min"] <= m["token_version_max"] <= m["weight_version"]
+
+
+def test_async_on_two_fsdp_ranks_and_two_replicas(engine, control, restore_engine, tmp_path):
+    """`sglgym train --nproc 2 --set backend=fsdp --set max_staleness=1` with two engine replicas: rank 0's
+    producer collects over both while both ranks train; each refit reaches both engines, every trained
+    token is within one version, and both replicas agree with the trainer (the probe checks each)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import start_engine, stop_engine
+
+    from sglgym.trainer.refit import EngineControl
+
+    replica = start_engine("async-replica")
+    try:
+        out = tmp_path / "fsdp-async"
+        cmd = [sys.executable, "-m", "sglgym.cli", "train", "--nproc", "2", "--engine-url", engine.base_url,
+               "--engine-url", replica.base_url, "--api-key", engine.api_key, "--out", str(out)]
+        for s in ("backend=fsdp", "max_staleness=1", "steps=3", "sft_steps=2", "sft_batch=8", "group_size=4",
+                  "batch_groups=4", "dynamic_sampling=false", "eval_rows=4", "eval_samples=1", "probe_every=1",
+                  "dist_timeout_s=300", "loggers=[jsonl]"):
+            cmd += ["--set", s]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines] == [1, 2, 3]
+        for version, m in enumerate(lines, start=1):       # version 1: the warm-up's refit
+            assert m["samples"] == 16 and m["rollout_failures"] == 0
+            assert m["weight_version"] == version and m["staleness_max"] <= 1 and m["dropped_stale_frac"] == 0
+            assert version - 1 <= m["token_version_min"] <= m["token_version_max"] <= version
+            assert m["probe_ok"] and m["probe_max_abs_diff"] <= 1e-4
+        assert max(m["staleness_max"] for m in lines) == 1
+        other = EngineControl(replica.base_url, replica.api_key)
+        assert control.weight_version() == other.weight_version() == "step-4"
+    finally:
+        stop_engine(replica)

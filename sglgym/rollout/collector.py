@@ -225,8 +225,10 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
         responses_create_params may override them.
     continue_aborted: continue a turn that an in-flight weight update aborted, up to this often (partial
         rollouts, rollout/turn.py); 0 fails it.
-    Returns the samples of the kept groups (group order = completion order) and the batch metrics; the
-    metrics' "failures" list reports every failed rollout.
+    Returns the samples of the kept groups and the batch metrics; the metrics' "failures" list reports
+    every failed rollout. Groups come in group_id (row) order whatever order they finished in: a trainer's
+    micro-batches, and so its floating-point sums, must not depend on timing (a resumed run on a loaded
+    machine otherwise ends with weights 1e-8 off the uninterrupted run's).
     """
     pool = _pool(engine_urls, api_key, router, model)
     rows = list(rows)
@@ -275,7 +277,7 @@ async def collect_batch(envs, engine_urls, rows: Iterable[dict], group_size: int
         if bar:
             bar.close()
     wall = time.monotonic() - t0
-    samples = [s for g in kept for s in g.samples]
+    samples = [s for g in sorted(kept, key=lambda g: g.group_id) for s in g.samples]
     groups_done = len(kept) + filtered + failed
     cancelled = max(0, len({s.group_id for s in collector.finished} | {f["group_id"] for f in collector.failures})
                     - groups_done)

@@ -125,7 +125,7 @@ def _instance(configs: list[dict], name: str) -> tuple[str, str]:
 class NemoGymRun:
     """The `gym env start` process of one env, what it serves, and how to start it again."""
     name: str
-    server: ServerProcess
+    server: ServerProcess | None
     agent_url: str
     ports: dict = field(default_factory=dict)
     cmd: list[str] = field(default_factory=list)

@@ -3,8 +3,9 @@
 Three paths, all over SGLang's own control endpoints:
 - disk: save safetensors, `POST /update_weights_from_disk` (no session needed);
 - tensor: `POST /update_weights_from_tensor` with pickled CPU tensors in buckets;
-- distributed: the trainer joins a process group with the engine (`/init_weights_update_group`, NCCL on
-  GPU, gloo on CPU) and broadcasts each bucket while `/update_weights_from_distributed` is in flight.
+- distributed: the trainer joins one process group with every engine replica (`/init_weights_update_group`
+  at rank offsets; NCCL on GPU, gloo on CPU) and broadcasts each bucket once while
+  `/update_weights_from_distributed` is in flight on every engine.
 SGLang 0.5.23 only accepts tensor/distributed updates inside begin/end_weight_update; every refit is
 also wrapped in pause(retract) -> flush cache -> update -> continue so in-flight requests finish on the
 new weights, and it bumps the weight version the engine reports in `meta_info`.
@@ -17,7 +18,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import httpx
@@ -167,74 +168,90 @@ def refit_from_tensor(engine: EngineControl, named: Iterable[tuple[str, torch.Te
 
 
 class DistributedRefit:
-    """Trainer side of a weight-update process group with one engine (trainer = rank 0, engine = 1..).
-    The group's collectives and every engine call time out after the engine's `timeout_s`."""
+    """Trainer side of one weight-update process group with every engine replica: the trainer is rank 0,
+    engine i (with `engine_world_sizes[i]` ranks: its TP size) joins at a rank offset after the engines
+    before it, so each bucket is broadcast once and reaches every replica. The group's collectives and every
+    engine call time out after the engines' `timeout_s`."""
 
-    def __init__(self, engine: EngineControl, engine_world_size: int = 1, backend: str | None = None,
-                 master_address: str = "127.0.0.1", master_port: int | None = None,
+    def __init__(self, engines: EngineControl | list[EngineControl], engine_world_sizes: list[int] | None = None,
+                 backend: str | None = None, master_address: str = "127.0.0.1", master_port: int | None = None,
                  group_name: str = "sglgym_refit"):
         import datetime
 
-        self.engine, self.group_name, self.timeout_s = engine, group_name, engine.timeout_s
+        self.engines = [engines] if isinstance(engines, EngineControl) else list(engines)
+        sizes = engine_world_sizes or [1] * len(self.engines)
+        self.group_name, self.timeout_s = group_name, max(e.timeout_s for e in self.engines)
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = "cuda" if self.backend == "nccl" else "cpu"
         port = master_port or free_port()
-        world = 1 + engine_world_size
-        init = {"master_address": master_address, "master_port": port, "rank_offset": 1,
-                "world_size": world, "group_name": group_name, "backend": self.backend}
-        # The engine joins inside its HTTP handler: the request must be in flight while we join.
-        call = self._in_flight("/init_weights_update_group", init)
+        world = 1 + sum(sizes)
+        offsets = [1 + sum(sizes[:i]) for i in range(len(self.engines))]
+        # Each engine joins inside its HTTP handler: every request must be in flight while we join.
+        calls = [self._in_flight(e, "/init_weights_update_group",
+                                 {"master_address": master_address, "master_port": port, "rank_offset": offset,
+                                  "world_size": world, "group_name": group_name, "backend": self.backend})
+                 for e, offset in zip(self.engines, offsets)]
         from sglang.srt.utils import init_custom_process_group
         try:
             self.group = init_custom_process_group(
                 backend=self.backend, init_method=f"tcp://{master_address}:{port}", world_size=world, rank=0,
                 group_name=group_name, timeout=datetime.timedelta(seconds=self.timeout_s))
-        except Exception as e:  # the rendezvous timed out: the engine never joined
-            raise RefitError(engine.base_url, "init_group", f"the engine did not join the group: {e}") from None
-        self._finish(call, "init_group")
+        except Exception as e:  # the rendezvous timed out: an engine never joined
+            raise RefitError(self._urls, "init_group", f"not every engine joined the group: {e}") from None
+        self._finish(calls, "init_group")
 
-    def _in_flight(self, path: str, body: dict) -> tuple[threading.Thread, list[Exception]]:
+    @property
+    def _urls(self) -> str:
+        return ", ".join(e.base_url for e in self.engines)
+
+    @staticmethod
+    def _in_flight(engine: EngineControl, path: str, body: dict) -> tuple[EngineControl, threading.Thread, list]:
         errors: list[Exception] = []
 
         def call() -> None:
             try:
-                self.engine.post(path, body)
+                engine.post(path, body)
             except Exception as e:  # surfaced by _finish
                 errors.append(e)
 
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
-        return thread, errors
+        return engine, thread, errors
 
-    def _finish(self, call: tuple[threading.Thread, list[Exception]], phase: str) -> None:
-        thread, errors = call
-        thread.join(self.timeout_s + 5)  # the HTTP call itself times out first
-        if thread.is_alive():
-            raise RefitError(self.engine.base_url, phase, f"no answer within {self.timeout_s:.0f}s")
-        if errors:
-            raise errors[0]
+    def _finish(self, calls: list[tuple[EngineControl, threading.Thread, list]], phase: str) -> None:
+        for engine, thread, errors in calls:
+            thread.join(self.timeout_s + 5)  # the HTTP call itself times out first
+            if thread.is_alive():
+                raise RefitError(engine.base_url, phase, f"no answer within {self.timeout_s:.0f}s")
+            if errors:
+                raise errors[0]
 
     def update(self, named: Iterable[tuple[str, torch.Tensor]], version: str,
                bucket_bytes: int = 512 << 20) -> float:
         t0 = time.perf_counter()
-        with self.engine.paused(), self.engine.weight_update_session():
+        with ExitStack() as held:
+            for engine in self.engines:   # every replica paused, flushed and in a weight-update session
+                held.enter_context(engine.paused())
+                held.enter_context(engine.weight_update_session())
             for bucket in buckets(named, bucket_bytes):
                 body = {"names": [n for n, _ in bucket],
                         "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                         "shapes": [list(t.shape) for _, t in bucket],
                         "group_name": self.group_name, "weight_version": version, "flush_cache": False}
-                call = self._in_flight("/update_weights_from_distributed", body)
+                calls = [self._in_flight(e, "/update_weights_from_distributed", body) for e in self.engines]
                 try:
-                    for _, t in bucket:  # same order as `names`: the engine receives them one by one
+                    for _, t in bucket:  # same order as `names`: the engines receive them one by one
                         torch.distributed.broadcast(t.detach().to(self.device).contiguous(), src=0, group=self.group)
-                except RuntimeError as e:  # the group's timeout: the engine stopped receiving
-                    raise RefitError(self.engine.base_url, "broadcast", str(e)[:500]) from None
-                self._finish(call, "update")
+                except RuntimeError as e:  # the group's timeout: an engine stopped receiving
+                    raise RefitError(self._urls, "broadcast", str(e)[:500]) from None
+                self._finish(calls, "update")
         return time.perf_counter() - t0
 
     def close(self) -> None:
         try:
-            self.engine.post("/destroy_weights_update_group", {"group_name": self.group_name})
+            for engine in self.engines:
+                with suppress(RefitError):   # a restarted engine is in no group
+                    engine.post("/destroy_weights_update_group", {"group_name": self.group_name})
         finally:
             torch.distributed.destroy_process_group(self.group)
 
