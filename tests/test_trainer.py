@@ -213,6 +213,16 @@ def test_train_config_coerces_types_and_names_bad_keys(tmp_path):
     assert cfg.engine_api_key == "123456" and cfg.out_dir == "2024-01-01" and cfg.steps == 0
 
 
+def test_lr_schedule_is_a_function_of_the_step():
+    from sglgym.trainer.config import TrainConfig
+
+    linear = TrainConfig(steps=5, lr=1e-3, lr_schedule="linear", lr_final_ratio=0.2)
+    assert [linear.lr_at(s) for s in range(1, 6)] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    assert linear.lr_at(9) == pytest.approx(2e-4)            # past the end (steps lowered on resume): the floor
+    constant = TrainConfig(steps=5, lr_schedule="constant")
+    assert {constant.lr_at(s) for s in range(1, 6)} == {1e-3}
+
+
 def test_train_flags_set_fields_as_given():
     from sglgym.trainer.cli import build_parser, load
 

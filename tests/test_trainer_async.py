@@ -132,6 +132,22 @@ def test_async_multi_turn_rollouts_span_refits(engine, control, restore_engine, 
         assert m["weight_version"] - 1 <= m["token_version_min"] <= m["token_version_max"] <= m["weight_version"]
 
 
+def test_async_tool_env(engine, control, restore_engine, tmp_path):
+    """`calculator` (tools, served by our env server) with k=1: every step's rollouts finish, every trained
+    token's version is known and within one step of the weights it trains from."""
+    from sglgym.trainer.cli import main
+
+    main(["--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(tmp_path / "run"),
+          "--set", "env=calculator", "--set", "max_staleness=1", "--set", "steps=3", "--set", "sft_steps=0",
+          "--set", "group_size=4", "--set", "batch_groups=3", "--set", "dynamic_sampling=false",
+          "--set", "max_tokens=24", "--set", "eval_rows=2", "--set", "eval_samples=1", "--set", "probe_every=3"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3] and lines[-1]["probe_ok"] is True
+    for m in lines:
+        assert m["rollout_failures"] == 0 and m["samples"] == 12 and m["dropped_stale_frac"] == 0
+        assert m["weight_version"] - 1 <= m["token_version_min"] <= m["token_version_max"] <= m["weight_version"]
+
+
 def test_async_on_two_fsdp_ranks_and_two_replicas(engine, control, restore_engine, tmp_path):
     """`sglgym train --nproc 2 --set backend=fsdp --set max_staleness=1` with two engine replicas: rank 0's
     producer collects over both while both ranks train; each refit reaches both engines, every trained

@@ -35,7 +35,7 @@ def train_cmd(engine, out) -> list[str]:
            engine.api_key, "--out", str(out)]
     for s in ("steps=5", "save_every=2", "sft_steps=4", "sft_batch=8", "group_size=4", "batch_groups=2",
               "dynamic_sampling=false", "eval_rows=2", "eval_samples=1", "probe_every=0", "rollout_seed=5",
-              "loggers=[jsonl]"):
+              "loggers=[jsonl]", "lr_schedule=linear"):
         cmd += ["--set", s]
     return cmd
 
@@ -64,6 +64,8 @@ def test_resumed_run_equals_the_uninterrupted_run(det_engine, tmp_path):
 
     a, b = metrics(whole), metrics(broken)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    lrs = [m["lr"] for m in a]     # linear decay, a function of the step: the resumed run has the same
+    assert lrs[0] == 1e-3 and lrs[-1] == pytest.approx(1e-4) and lrs == sorted(lrs, reverse=True)
     differ = {m["step"]: {k: (m.get(k), n.get(k)) for k in set(m) | set(n) if m.get(k) != n.get(k)
                           and not (k in NEAR and abs(m[k] - n[k]) <= NEAR[k])}
               for m, n in zip(a, b)}

@@ -60,9 +60,11 @@ class TrainConfig(BaseModel):
     activation_checkpointing: bool = False
     dist_timeout_s: float = Field(1800.0, gt=0)   # every collective between trainer ranks
     # optimisation
-    steps: int = Field(140, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
+    steps: int = Field(250, ge=0)          # GRPO steps: the run ends here (same result on a loaded machine)
     time_budget_s: Optional[float] = Field(None, gt=0)  # or stop GRPO early after this long (None: no limit)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = "linear"     # linear: from lr at step 1 down to
+    lr_final_ratio: float = Field(0.1, ge=0, le=1)              # lr * lr_final_ratio at the last step
     max_staleness: int = Field(0, ge=0)     # async GRPO: a step trains on samples at most this many weight
                                             # versions old, generated while earlier steps train (0: synchronous)
     continue_aborted: int = Field(8, ge=0)  # async: how often one turn that a weight update aborted is continued
@@ -93,6 +95,14 @@ class TrainConfig(BaseModel):
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl", "tensorboard"]  # metrics.jsonl is always written
     wandb_project: str = "sglgym"
     wandb_mode: Literal["online", "offline"] = "offline"   # offline: files under OUT/wandb, `wandb sync` later
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of GRPO step `step` (1-based). A function of the step alone, so a resumed run
+        needs no scheduler state."""
+        if self.lr_schedule == "constant" or self.steps <= 1:
+            return self.lr
+        done = min(max(step - 1, 0) / (self.steps - 1), 1.0)
+        return self.lr * (1.0 - done * (1.0 - self.lr_final_ratio))
 
     @field_validator("model_path", "engine_url", "engine_api_key", "serve_args", "env", "env_config", "out_dir",
                      mode="before")

@@ -77,7 +77,10 @@ class GRPOTrainer:
                 self.producer.trained_through(step)
             return {"step": step, **batch.metrics} if self.ranks.main else {}
         t1 = time.perf_counter()
-        train = self.update(*share)
+        lr = self.cfg.lr_at(step)
+        for group in self.policy.optimizer.param_groups:
+            group["lr"] = lr
+        train = {**self.update(*share), "lr": lr}
         t_train = time.perf_counter() - t1
         refit = self.refitter.refit()
         t2 = time.perf_counter()
