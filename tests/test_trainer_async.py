@@ -124,7 +124,10 @@ def test_async_multi_turn_rollouts_span_refits(engine, control, restore_engine, 
     main(["--engine-url", engine.base_url, "--api-key", engine.api_key, "--out", str(tmp_path / "run"),
           "--set", "env=guess", "--set", "max_staleness=1", "--set", "steps=3", "--set", "sft_steps=0",
           "--set", "group_size=4", "--set", "batch_groups=4", "--set", "dynamic_sampling=false",
-          "--set", "max_tokens=24", "--set", "eval_rows=2", "--set", "eval_samples=1", "--set", "probe_every=3"])
+          "--set", "max_tokens=24", "--set", "eval_rows=2", "--set", "eval_samples=1", "--set", "probe_every=3",
+          # 4 rollouts at a time: a batch's generation (~4 s) outlasts a step's training (~1.5 s), so the refit
+          # lands while rollouts are between turns (with 64 at a time the batch was done first)
+          "--set", "concurrency=4"])
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["rollout_failures"] for m in lines] == [0, 0, 0] and lines[-1]["probe_ok"] is True
     assert max(m["partial_rollout_frac"] for m in lines[1:]) > 0

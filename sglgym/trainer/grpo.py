@@ -51,6 +51,11 @@ class GRPOTrainer:
         self.cfg, self.policy, self.ranks, self.refitter = cfg, policy, ranks, refitter
         self.rollouts, self.tokenizer, self.resume_from = rollouts, tokenizer, resume_from
         self.loss_cfg = cfg.loss_config()
+        if cfg.max_staleness and str(policy.device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Generation and training now run at once on the same cores: torch's OpenMP threads spin-wait
+            # when the engine takes a core (a small async step's training took 0.3 s alone and 3.1 s beside
+            # generation with 2 threads), so an async CPU trainer takes half the cores.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
         if cfg.max_staleness and self.loss_cfg.tis_level is None:  # decoupled PPO needs the behaviour weight
             self.loss_cfg = dataclasses.replace(self.loss_cfg, tis_level="token")
         self.update = PolicyUpdate(policy, self.loss_cfg, ppo_epochs=cfg.ppo_epochs,
