@@ -65,8 +65,9 @@ class Refitter:
         self._last = None
         if self.path == "distributed":   # one broadcast reaches every engine
             self._with_recovery(None, lambda: self._push(None, named, version, weights_dir))
-        for engine in self.engines if self.path != "distributed" else []:
-            self._with_recovery(engine, lambda: self._push(engine, named, version, weights_dir))
+        else:
+            for engine in self.engines:
+                self._with_recovery(engine, lambda: self._push(engine, named, version, weights_dir))
         self._last = (named, version, weights_dir)
         seconds = time.perf_counter() - t0
         gb = sum(t.numel() * t.element_size() for _, t in named) / 1e9
